@@ -1,0 +1,230 @@
+"""Stage 1: per-particle, per-tilt cross-correlation windows (the FFT-heavy part).
+
+For particle ``p`` and tilt ``f`` (RELION §2.5, on RELION's scale):
+
+* observation ``Y``: the ``s × s`` window around the predicted position ``u0`` (corner
+  ``round(u0) − s//2``, clamped), minus the mean of its pixels outside radius ``s/2``, times a
+  5-px soft circular mask, unitary FFT with the exact position ``u0`` at the phase origin;
+* prediction ``S``: central slice of the particle's own half map at rotation ``P_f · M_p``, times
+  the CTF at the particle's depth and the dose weights of the tilt (divided by ``sqrt(s)`` so it
+  equals RELION's unscaled slice);
+* ``C(d) = Σ_k −W_f(k) · Y(k) · conj S(k) · exp(+2πi k·d/s)`` over the full plane, the DC term
+  removed, frequencies beyond the row limits (``--cutoff_fract``) removed; ``C`` peaks at the
+  displacement ``d`` of the observed particle from ``u0``.
+
+Computed in fixed-size particle chunks by one jitted function (static box and window), so
+memory is bounded by the chunk size and a tomogram compiles once. Tilt images are gathered on
+the host from (memory-mapped) stacks: only the boxes needed are read.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polish3d import imaging
+from polish3d.imaging.extract import circle_mask
+from polish3d.imaging.fourier import radius_2d, rfft2c, shift_phase
+
+__all__ = ["CCInputs", "compute_cc_windows", "frequency_weights", "gather_boxes", "observe_windows"]
+
+
+def frequency_weights(
+    noise_power: np.ndarray,
+    envelope: np.ndarray,
+    dose: np.ndarray,
+    *,
+    box: int,
+    whiten: bool = True,
+    per_frame_noise: bool = False,
+    srp: float = 0.0,
+    hp: float = -1.0,
+    cutoff_fract: float = 0.02,
+) -> np.ndarray:
+    """Per-tilt frequency weights ``W_f`` ``(F, s, s//2+1)`` (RELION §2.4, float32).
+
+    Args:
+        noise_power: ``(F, s//2+1)`` radial noise power of each tilt (``imaging.noise_power``).
+        envelope: ``(s, s//2+1)`` reference envelope (``imaging.fsc_envelope``).
+        dose: ``(F, s, s//2+1)`` dose weights (only used for the cutoff mask).
+        box: box size ``s``.
+        whiten: divide by the noise power (``--no_whiten`` turns it off).
+        per_frame_noise: per-tilt noise power instead of the tilt average.
+        srp: multiply the whitening weight by ``(i/sh)^srp``.
+        hp: Gaussian high-pass sigma in Fourier pixels (≤ 0: off).
+        cutoff_fract: zero where ``W/mean(W)`` or the dose weight is below this.
+    """
+    f = noise_power.shape[0]
+    sh = box // 2 + 1
+    rad = radius_2d(box)
+    if whiten:
+        power = np.asarray(noise_power, np.float64)
+        if not per_frame_noise:
+            power = np.broadcast_to(power.mean(0, keepdims=True), power.shape)
+        prof = 1.0 / np.maximum(power, 1e-30)
+        if srp != 0:
+            prof = prof * (np.arange(sh) / sh)[None, :] ** srp
+        w = np.stack([np.asarray(imaging.radial_expand(p, box)) for p in prof])
+    else:
+        w = np.ones((f, box, sh))
+    if hp > 0:
+        w = w * (1.0 - np.exp(-(rad**2) / (2.0 * hp * hp)))[None]
+    w = w * np.asarray(envelope, np.float64)[None]
+    w[:, 0, 0] = 0.0
+    w[:, rad > box / 2.0] = 0.0
+    mean = w.mean(axis=(1, 2), keepdims=True)
+    keep = (w / np.maximum(mean, 1e-30) > cutoff_fract) & (np.asarray(dose) > cutoff_fract)
+    return np.where(keep, w, 0.0).astype(np.float32)
+
+
+def gather_boxes(stack, positions_px: np.ndarray, box: int) -> np.ndarray:
+    """Raw ``s × s`` windows around 2D positions, gathered from a ``(F, H, W)`` stack.
+
+    Args:
+        stack: array-like ``(F, H, W)`` (a numpy memmap is read only where needed).
+        positions_px: ``(n, F, 2)`` positions ``(x, y)`` in each tilt.
+        box: box size ``s``.
+
+    Returns:
+        ``(n, F, s, s)`` float32; corner ``round(u) − s//2`` (round half up), indices clamped to
+        the image (edge replication), as RELION's extraction.
+    """
+    f, h, w = stack.shape
+    corner = np.floor(positions_px + 0.5).astype(np.int64) - box // 2
+    ar = np.arange(box)
+    ix = np.clip(corner[..., 0, None] + ar, 0, w - 1)  # (n, F, s)
+    iy = np.clip(corner[..., 1, None] + ar, 0, h - 1)
+    fi = np.arange(f)[None, :, None, None]
+    return np.asarray(stack[fi, iy[..., :, None], ix[..., None, :]], dtype=np.float32)
+
+
+def observe_windows(windows: jax.Array, frac_px: jax.Array) -> jax.Array:
+    """Fourier observations from raw windows (``(..., s, s)``) and sub-pixel offsets ``(..., 2)``.
+
+    ``frac = u − round(u)``; the result has the exact position ``u`` at the phase origin.
+    """
+    box = windows.shape[-1]
+    mask, outside = circle_mask(box)
+    n_out = max(int(outside.sum()), 1)
+    mean_out = jnp.sum(jnp.where(outside, windows, 0.0), axis=(-2, -1), keepdims=True) / n_out
+    return rfft2c(mask * (windows - mean_out)) * shift_phase(box, -frac_px)
+
+
+class CCInputs(dict):
+    """Per-tomogram constants of the CC stage (a dict pytree of JAX arrays).
+
+    Keys: ``refs`` ``(2, s, s, s//2+1)`` prepared half maps; ``weights`` ``(F, s, s//2+1)``;
+    ``dose`` ``(F, s, s//2+1)``; per tilt ``defocus_u``, ``defocus_v``, ``defocus_angle``,
+    ``phase_shift``, ``bfactor``, ``ctf_scale`` ``(F,)``; scalars ``pixel_size``, ``voltage``,
+    ``cs``, ``q0``, ``hand_slope_px`` (= hand · slope · px).
+    """
+
+
+def _window_indices(box: int, half_width: int) -> np.ndarray:
+    return np.mod(np.arange(-half_width, half_width + 1), box)
+
+
+@functools.partial(jax.jit, static_argnames=("half_width", "want_sum"))
+def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, const, half_width, want_sum):
+    """CC windows for a chunk: windows ``(n, F, s, s)`` → ``(n, F, D, D)`` (``D = 2·hw+1``)."""
+    box = windows.shape[-1]
+    y = observe_windows(windows, frac)  # (n, F, s, sh)
+    du = const["defocus_u"][None] + const["hand_slope_px"] * (depth - centre_depth[None])
+    dv = const["defocus_v"][None] + const["hand_slope_px"] * (depth - centre_depth[None])
+
+    def one(rot, h, du_, dv_, ang, ps, bf, sc):
+        ref = jnp.where(h == 2, const["refs"][1], const["refs"][0])
+        sl = imaging.central_slice(ref, rot, box)
+        ctf = imaging.ctf_2d(
+            box, const["pixel_size"], du_, dv_, ang, const["voltage"], const["cs"], const["q0"],
+            ps, bf, sc,
+        )
+        return sl * ctf
+
+    per_tilt = jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0, 0, 0))
+    per_part = jax.vmap(per_tilt, in_axes=(0, 0, 0, 0, None, None, None, None))
+    s = per_part(
+        cam_rot, half, du, dv, const["defocus_angle"], const["phase_shift"], const["bfactor"],
+        const["ctf_scale"],
+    )
+    s = s * (const["dose"][None] / np.sqrt(box))
+    g = -(const["weights"] * blur)[None] * y * jnp.conj(s)
+    cc = jnp.fft.irfft2(g, s=(box, box)) * float(box * box)
+    cc = cc * vis[..., None, None]
+    idx = _window_indices(box, half_width)
+    win = cc[..., idx[:, None], idx[None, :]]
+    total = jnp.sum(cc, axis=0) if want_sum else None
+    return win, total
+
+
+def compute_cc_windows(
+    stack,
+    u0: np.ndarray,
+    cam_rot: np.ndarray,
+    depth: np.ndarray,
+    centre_depth: np.ndarray,
+    half_set: np.ndarray,
+    visible: np.ndarray,
+    const: dict,
+    *,
+    box: int,
+    half_width: int,
+    chunk: int = 16,
+    want_sum: bool = False,
+    blur_px: float = 0.0,
+):
+    """CC windows of all particles of a tomogram.
+
+    Args:
+        stack: ``(F, H, W)`` tilt images (numpy or memmap).
+        u0: ``(N, F, 2)`` predicted positions (window centres).
+        cam_rot: ``(N, F, 3, 3)`` ``P_f[:3,:3] · M_p``.
+        depth: ``(N, F)`` particle depth ``P_f[2]·[X;1]`` (pixels).
+        centre_depth: ``(F,)`` depth of the tomogram centre.
+        half_set: ``(N,)`` 1 or 2.
+        visible: ``(N, F)`` 1 where the box lies inside the image, else 0 (CC set to 0).
+        const: :class:`CCInputs`.
+        box: box size ``s``.
+        half_width: window half-width ``hw`` in pixels (the window is ``2·hw+1`` wide).
+        chunk: particles per jitted call (memory bound).
+        blur_px: Gaussian low-pass of the CC maps (standard deviation in pixels; 0: none).
+            Widens the basin of each peak for the first, coarse outer iterations.
+        want_sum: also return the visibility-weighted sum over particles of the full CC maps
+            ``(F, s, s)`` (zero displacement at index 0, periodic), for per-tilt shift search.
+
+    Returns:
+        ``(N, F, D, D)`` float32 windows and the sum (or ``None``).
+    """
+    n, f = u0.shape[:2]
+    rad = radius_2d(box)
+    blur = np.exp(-2.0 * (np.pi * blur_px * rad / box) ** 2).astype(np.float32)
+    out = np.zeros((n, f, 2 * half_width + 1, 2 * half_width + 1), np.float32)
+    total = np.zeros((f, box, box), np.float64) if want_sum else None
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        m = sl.stop - sl.start
+        pad = chunk - m
+
+        def padded(a, pad=pad):
+            a = np.asarray(a)
+            return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
+
+        uu = u0[sl]
+        win = gather_boxes(stack, uu, box)
+        frac = uu - np.floor(uu + 0.5)
+        vis = np.asarray(visible[sl], np.float32)
+        if pad:
+            vis = np.concatenate([vis, np.zeros((pad, f), np.float32)], 0)
+        w, t = _cc_chunk(
+            jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
+            jnp.asarray(padded(cam_rot[sl]), jnp.float32), jnp.asarray(padded(depth[sl]), jnp.float32),
+            jnp.asarray(centre_depth, jnp.float32), jnp.asarray(padded(half_set[sl])),
+            jnp.asarray(vis), jnp.asarray(blur), const, half_width, want_sum,
+        )
+        out[sl] = np.asarray(w)[:m]
+        if want_sum:
+            total += np.asarray(t, np.float64)
+    return out, total

@@ -1,0 +1,286 @@
+"""Refinement of one tomogram: outer iterations of (CC stage → geometry stage).
+
+Arrays in, arrays out: :func:`refine_tomogram` takes the typed records of :mod:`polish3d.model`,
+the tilt stack (any ``(F, H, W)`` array-like, e.g. a memmap) and the two prepared half maps, and
+returns a :class:`~polish3d.model.TomogramResult`. It never prints; progress goes to an optional
+callback ``progress(event: str, **figures)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from polish3d import geometry, imaging
+from polish3d.model import ParticleData, TiltSeriesData, TomogramResult
+from polish3d.refine import ccmaps, optimise, stage2
+
+__all__ = ["AlignConfig", "prepare_tomogram_constants", "refine_tomogram"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    """Options of one alignment run (plain Python, hashable). Names follow ``relion_tomo_align``.
+
+    Attributes:
+        box: ``--b``, box size in tilt-series pixels.
+        r: ``--r``, max. 2D position error in pixels (half-width of the CC window).
+        const_p, const_a, const_s: freeze positions / per-tilt angles / per-tilt shifts.
+        range_reg: ``--range_reg``.
+        it: ``--it``, max. L-BFGS iterations per outer iteration.
+        whiten: not ``--no_whiten``.
+        per_frame_noise, srp, hp, cutoff_fract: frequency-weight options (§2.4).
+        min_frame, max_frame: dose-rank range used in the cost (``-1``: last).
+        shift_only, shift_only_by_particles: rigid per-tilt 2D shifts only.
+        outer: polish3d: number of outer iterations (CC maps recomputed at the refined geometry).
+        blur_px: polish3d: Gaussian low-pass (px) of the CC maps per outer iteration (the last
+            value repeats): a coarse-to-fine schedule that widens the capture range.
+        coarse_shift: polish3d: start with a per-tilt shift search over the whole box (capture
+            range ± s/2 instead of ± r).
+        chunk: particles per CC-stage call (memory bound).
+        tol_px: stop the outer iterations once no projected position moves more than this.
+    """
+
+    box: int
+    r: float = 20.0
+    const_p: bool = False
+    const_a: bool = False
+    const_s: bool = False
+    range_reg: float = 0.0
+    it: int = 10000
+    whiten: bool = True
+    per_frame_noise: bool = False
+    srp: float = 0.0
+    hp: float = -1.0
+    cutoff_fract: float = 0.02
+    min_frame: int = 0
+    max_frame: int = -1
+    shift_only: bool = False
+    shift_only_by_particles: bool = False
+    outer: int = 3
+    blur_px: tuple[float, ...] = (3.0, 1.0, 0.0)
+    coarse_shift: bool = True
+    chunk: int = 16
+    tol_px: float = 0.02
+
+
+def prepare_tomogram_constants(
+    ts: TiltSeriesData, stack, refs_ft, envelope: np.ndarray, config: AlignConfig
+) -> dict:
+    """The CC-stage constants of one tomogram (weights, dose, CTF parameters, references)."""
+    box = config.box
+    f = ts.n_tilts
+    noise = np.stack([np.asarray(imaging.noise_power(np.asarray(stack[j], np.float32), box)) for j in range(f)])
+    dose = np.stack(
+        [
+            np.asarray(imaging.dose_weights(box, ts.pixel_size_ang, n, ts.bfactor_per_dose_ang2))
+            for n in ts.pre_exposure_e_per_ang2
+        ]
+    )
+    weights = ccmaps.frequency_weights(
+        noise, envelope, dose, box=box, whiten=config.whiten, per_frame_noise=config.per_frame_noise,
+        srp=config.srp, hp=config.hp, cutoff_fract=config.cutoff_fract,
+    )
+    dose = np.where(weights > 0, dose, 0.0)
+    f32 = jnp.float32
+    return {
+        "refs": refs_ft,
+        "weights": jnp.asarray(weights),
+        "dose": jnp.asarray(dose, f32),
+        "defocus_u": jnp.asarray(ts.defocus_u_ang, f32),
+        "defocus_v": jnp.asarray(ts.defocus_v_ang, f32),
+        "defocus_angle": jnp.asarray(ts.defocus_angle_deg, f32),
+        "phase_shift": jnp.asarray(ts.phase_shift_deg, f32),
+        "bfactor": jnp.asarray(ts.ctf_bfactor_ang2, f32),
+        "ctf_scale": jnp.asarray(ts.ctf_scale, f32),
+        "pixel_size": f32(ts.pixel_size_ang),
+        "voltage": f32(ts.voltage_kv),
+        "cs": f32(ts.cs_mm),
+        "q0": f32(ts.amplitude_contrast),
+        "hand_slope_px": f32(ts.hand * ts.defocus_slope * ts.pixel_size_ang),
+    }
+
+
+def _visible(u: np.ndarray, image_size_px, box: int) -> np.ndarray:
+    w, h = image_size_px
+    half = box / 2.0
+    return (
+        (u[..., 0] > half) & (u[..., 0] < w - half) & (u[..., 1] > half) & (u[..., 1] < h - half)
+    )
+
+
+def _parabolic_peak(m: np.ndarray) -> np.ndarray:
+    """Sub-pixel peak ``(x, y)`` of a periodic map ``[y, x]`` (zero shift at index 0)."""
+    s = m.shape[-1]
+    iy, ix = np.unravel_index(np.argmax(m), m.shape)
+
+    def refine(a, b, c):
+        den = a - 2 * b + c
+        return 0.0 if den >= 0 else 0.5 * (a - c) / den
+
+    dx = refine(m[iy, (ix - 1) % s], m[iy, ix], m[iy, (ix + 1) % s])
+    dy = refine(m[(iy - 1) % s, ix], m[iy, ix], m[(iy + 1) % s, ix])
+    x = ix + dx
+    y = iy + dy
+    x = x - s if x > s / 2 else x
+    y = y - s if y > s / 2 else y
+    return np.array([x, y])
+
+
+def refine_tomogram(
+    ts: TiltSeriesData,
+    particles: ParticleData,
+    stack,
+    refs_ft,
+    envelope: np.ndarray,
+    config: AlignConfig,
+    *,
+    progress: Callable[..., None] | None = None,
+) -> TomogramResult:
+    """Refine the per-tilt projections and particle positions of one tomogram.
+
+    Args:
+        ts: the tilt series (geometry, CTF, dose).
+        particles: its particles (positions, rotations, half sets, optional input motion).
+        stack: ``(F, H, W)`` tilt images in file order.
+        refs_ft: ``(2, s, s, s//2+1)`` prepared half maps (``imaging.prepare_reference``).
+        envelope: ``(s, s//2+1)`` reference frequency envelope.
+        config: options.
+        progress: optional callback ``progress(event, **figures)``.
+
+    Returns:
+        the refined geometry and per-tomogram metrics.
+    """
+    t_start = time.perf_counter()
+    report = progress or (lambda *a, **k: None)
+    box = config.box
+    f = ts.n_tilts
+    n = particles.n_particles
+    seq = geometry.dose_order(ts.pre_exposure_e_per_ang2)
+    rank = np.empty(f, int)
+    rank[seq] = np.arange(f)
+    kmax = f - 1 if config.max_frame < 0 else min(config.max_frame, f - 1)
+    frame_ok = (rank >= config.min_frame) & (rank <= kmax)
+
+    const = prepare_tomogram_constants(ts, stack, refs_ft, envelope, config)
+    p_cur = np.asarray(ts.projections, np.float64).copy()
+    x_cur = np.asarray(particles.positions_px, np.float64).copy()
+    offsets = (
+        np.zeros((n, f, 3)) if particles.trajectories_px is None else np.asarray(particles.trajectories_px)
+    )
+    centre = geometry.tomogram_centre_px(ts.tomo_size_px)
+    hw = int(math.ceil(config.r)) + 2
+    n_pad = stage2.pad_to_bucket(n)
+
+    def current_geometry(p, x):
+        pts = x[:, None, :] + offsets  # (N, F, 3)
+        u = np.einsum("fij,nfj->nfi", p[:, :2, :3], pts) + p[None, :, :2, 3]
+        depth = np.einsum("fj,nfj->nf", p[:, 2, :3], pts) + p[None, :, 2, 3]
+        cdepth = p[:, 2, :3] @ centre + p[:, 2, 3]
+        rot = np.einsum("fij,njk->nfik", p[:, :3, :3], particles.rotations)
+        vis = _visible(u, ts.image_size_px, box) & frame_ok[None, :]
+        return u, depth, cdepth, rot, vis
+
+    u_input, *_ = current_geometry(p_cur, x_cur)
+    metrics: dict = {"outer": [], "n_particles": n, "n_tilts": f}
+
+    if config.coarse_shift or config.shift_only:
+        u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
+        t0 = time.perf_counter()
+        _, total = ccmaps.compute_cc_windows(
+            stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, half_width=1,
+            chunk=config.chunk, want_sum=True,
+        )
+        shifts = np.stack([_parabolic_peak(total[j]) for j in range(f)])
+        shifts[~frame_ok] = 0.0
+        if config.const_s:
+            shifts[:] = 0.0
+        p_cur[:, :2, 3] += shifts
+        report("coarse_shift", max_shift_px=float(np.abs(shifts).max()), seconds=time.perf_counter() - t0)
+        metrics["coarse_shifts_px"] = shifts.tolist()
+
+    if config.shift_only and not config.shift_only_by_particles:
+        pass
+
+    options = optimise.StageOptions(
+        range_reg=config.range_reg,
+        fix_gauge_positions=not config.const_p and not config.const_s,
+        fix_gauge_angles=not config.const_a and not config.const_p,
+    )
+    free = []
+    if not config.const_a and not config.shift_only:
+        free.append("tilt_angles")
+    if not config.const_s:
+        free.append("tilt_shifts")
+    if not config.const_p and not config.shift_only:
+        free.append("positions")
+    free = tuple(free)
+
+    n_outer = 0 if (config.shift_only and not config.shift_only_by_particles) else max(config.outer, 1)
+    if config.shift_only:
+        n_outer = 1
+    for outer in range(n_outer):
+        u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
+        blur = config.blur_px[min(outer, len(config.blur_px) - 1)] if config.blur_px else 0.0
+        t0 = time.perf_counter()
+        cc, _ = ccmaps.compute_cc_windows(
+            stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, half_width=hw,
+            chunk=config.chunk, blur_px=blur,
+        )
+        t_cc = time.perf_counter() - t0
+        weight = vis.astype(np.float32)
+        data = stage2.build_data(
+            p_cur, x_cur, u, cc, weight, tomo_size_px=ts.tomo_size_px, image_size_px=ts.image_size_px,
+            window_radius_px=config.r, n_pad=n_pad,
+        )
+        data["offsets"] = jnp.asarray(
+            np.concatenate([offsets, np.zeros((n_pad - n, f, 3))], 0), jnp.float32
+        )
+        params = stage2.initial_params(f, n_pad)
+
+        def cb(it, cost, outer=outer):
+            if it < 10 or (it < 100 and it % 10 == 0) or it % 100 == 0:
+                report("iteration", outer=outer, iteration=it, cost=cost)
+
+        params, info = optimise.minimise(params, data, options, free_keys=free, max_iter=config.it, callback=cb)
+        delta, dpos = stage2.results_from_params(params, data, options, n)
+        p_new = delta @ p_cur
+        x_new = x_cur + dpos if "positions" in free else x_cur
+        u_new = current_geometry(p_new, x_new)[0]
+        move = np.linalg.norm(u_new - u, axis=-1)
+        vis_any = vis.any()
+        step = {
+            "outer": outer,
+            "cost_initial": info.cost_initial,
+            "cost_final": info.cost_final,
+            "iterations": info.iterations,
+            "converged": info.converged,
+            "cc_seconds": t_cc,
+            "lbfgs_seconds": info.seconds,
+            "move_rms_px": float(np.sqrt(np.mean(move[vis] ** 2))) if vis_any else 0.0,
+            "move_max_px": float(move[vis].max()) if vis_any else 0.0,
+            "mean_cc_before": float(np.mean(cc[:, :, hw, hw][vis])) if vis_any else 0.0,
+        }
+        metrics["outer"].append(step)
+        report("outer", **step)
+        p_cur, x_cur = p_new, x_new
+        if step["move_max_px"] < config.tol_px and blur == 0:
+            break
+
+    u_final = current_geometry(p_cur, x_cur)[0]
+    disp = np.linalg.norm(u_final - u_input, axis=-1)
+    metrics["displacement_rms_px"] = float(np.sqrt(np.mean(disp**2)))
+    metrics["displacement_max_px"] = float(disp.max()) if disp.size else 0.0
+    metrics["seconds"] = time.perf_counter() - t_start
+    return TomogramResult(
+        name=ts.name,
+        projections=p_cur,
+        positions_px=None if config.shift_only else x_cur,
+        trajectories_px=particles.trajectories_px,
+        metrics=metrics,
+    )
