@@ -140,6 +140,8 @@ def refine_tomogram(
     envelope: np.ndarray,
     config: AlignConfig,
     *,
+    motion=None,
+    deformation=None,
     progress: Callable[..., None] | None = None,
 ) -> TomogramResult:
     """Refine the per-tilt projections and particle positions of one tomogram.
@@ -151,6 +153,8 @@ def refine_tomogram(
         refs_ft: ``(2, s, s, s//2+1)`` prepared half maps (``imaging.prepare_reference``).
         envelope: ``(s, s//2+1)`` reference frequency envelope.
         config: options.
+        motion: motion options (``refine.motion.MotionConfig``) or ``None``.
+        deformation: deformation options (``refine.deformation.DeformationConfig``) or ``None``.
         progress: optional callback ``progress(event, **figures)``.
 
     Returns:
