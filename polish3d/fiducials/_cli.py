@@ -1,0 +1,183 @@
+"""``polish3d fiducials``: files in (tracks, tilt angles or a tomogram set) → files out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from polish3d.errors import InputError
+from polish3d.fiducials._align import FiducialOptions, FiducialResult, align_fiducials
+from polish3d.fiducials._files import (
+    read_nominal_tilts_star,
+    read_tilt_angles,
+    read_tracks,
+    write_beads_csv,
+    write_projections_star,
+    write_tlt,
+    write_xf,
+)
+from polish3d.fiducials._report import report_dict, report_text
+
+__all__ = ["register_cli", "run_fiducials"]
+
+log = logging.getLogger("polish3d.fiducials")
+
+
+def _ints(text: str, n: int, flag: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
+    try:
+        vals = tuple(int(round(float(p))) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != n or min(vals) <= 0:
+        raise InputError(f"{flag} {text!r}: expected {n} positive integers separated by commas")
+    return vals
+
+
+def run_fiducials(
+    *,
+    tracks: str,
+    out_dir: str,
+    tlt: str = "",
+    tomograms: str = "",
+    tomo: str = "",
+    tilt_axis_deg: float | None = None,
+    image_size: str = "",
+    tomo_size: str = "",
+    pixel_size_ang: float | None = None,
+    options: FiducialOptions | None = None,
+    name: str = "",
+) -> tuple[FiducialResult, dict]:
+    """Run a fiducial alignment from files and write every output into ``out_dir``.
+
+    Writes ``<name>.xf``, ``<name>.tlt``, ``<name>_beads.csv``, ``<name>_residuals.csv``,
+    ``<name>_projections.star``, ``report.json``, ``report.txt`` and, with a tomogram set,
+    ``tomograms.star`` + ``tilt_series/<name>.star`` (the tilt series' geometry replaced).
+
+    Returns:
+        ``(result, report)``.
+    """
+    if not tracks:
+        raise InputError("--tracks is required (IMOD .fid/.mod, or CSV/STAR with bead, tilt, x, y)")
+    if not out_dir:
+        raise InputError("--o (output directory) is required")
+    opt = options or FiducialOptions()
+    df = read_tracks(tracks)
+    image_px = _ints(image_size, 2, "--image_size")
+    tomo_px = _ints(tomo_size, 3, "--tomo_size")
+    tset = None
+    nominal = None
+    if tomograms:
+        from polish3d.io.relion import read_tomogram_set
+
+        tset = read_tomogram_set(tomograms)
+        names = tset.names
+        if not tomo:
+            if len(names) != 1:
+                raise InputError(
+                    f"{tomograms} holds {len(names)} tilt series: choose one with --tomo")
+            tomo = names[0]
+        if tomo not in names:
+            raise InputError(f"--tomo {tomo!r} is not in {tomograms} ({', '.join(names)})")
+        tsd = tset.tilt_series(tomo, load_images=False)
+        table = tset.tilt_tables[tomo]
+        image_px = image_px or tuple(tsd.image_size_px)
+        tomo_px = tomo_px or tuple(tsd.tomo_size_px)
+        pixel_size_ang = pixel_size_ang or tsd.pixel_size_ang
+        nominal = read_nominal_tilts_star(tset.tilt_files.get(tomo, tomograms), table)
+        if tilt_axis_deg is None:
+            for lab in ("rlnTomoNominalTiltAxisAngle", "rlnTomoZRot"):
+                if lab in table.columns:
+                    tilt_axis_deg = float(table[lab].to_numpy(float)[0])
+                    break
+    if tlt:
+        nominal = read_tilt_angles(tlt)
+    if nominal is None:
+        raise InputError("give the tilt angles: --tlt (IMOD .tlt or tilt-series STAR) or --t")
+    if image_px is None:
+        raise InputError("--image_size W,H is required without --t")
+    if tilt_axis_deg is None:
+        raise InputError("--tilt_axis (degrees from the image y axis, counter-clockwise) is "
+                         "required when the tilt-series STAR does not give it")
+    name = name or tomo or Path(tracks).stem
+    result = align_fiducials(df, nominal, tilt_axis_deg, image_px, options=opt,
+                             tomo_size_px=tomo_px, pixel_size_ang=pixel_size_ang)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_xf(out / f"{name}.xf", result)
+    write_tlt(out / f"{name}.tlt", result.tilt_deg)
+    write_beads_csv(out / f"{name}_beads.csv", result)
+    result.residuals.to_csv(out / f"{name}_residuals.csv", index=False, float_format="%.4f")
+    write_projections_star(out / f"{name}_projections.star", result, name)
+    if tset is not None:
+        keep = bool(np.any(np.abs(result.magnification - 1.0) > 1e-12))
+        tset.with_tilt_series(tomo, projections=result.projections, keep_matrix=keep,
+                              image_size_px=result.image_size_px).write(out)
+    rep = report_dict(result)
+    (out / "report.json").write_text(json.dumps(rep, indent=1))
+    (out / "report.txt").write_text(report_text(rep))
+    log.info("fiducials %s: residual RMS %.3f px (inliers %.3f px), %d beads, %d tilts → %s",
+             name, rep["rms_px"], rep["rms_inliers_px"], rep["n_beads"], rep["n_tilts"], out)
+    return result, rep
+
+
+MODES_HELP = "fixed, global, grouped or per_tilt"
+Opt = typer.Option
+
+
+def _fiducials_command(run):
+    def fiducials_cmd(
+        tracks: Annotated[str, Opt("--tracks", help="Bead tracks: IMOD .fid/.mod (needs "
+                                   "imodmodel) or CSV/STAR with bead, tilt, x, y (px).")] = "",
+        tlt: Annotated[str, Opt("--tlt", help="Nominal tilt angles: IMOD .tlt or tilt-series "
+                                "STAR (rlnTomoNominalStageTiltAngle).")] = "",
+        t: Annotated[str, Opt("--t", help="Tomogram set (tomograms.star): angles, sizes, "
+                              "pixel size; its geometry is replaced in the output.")] = "",
+        tomo: Annotated[str, Opt("--tomo", help="rlnTomoName in --t.")] = "",
+        tilt_axis: Annotated[float | None, Opt("--tilt_axis", help="Tilt-axis angle, degrees "
+                                               "from the image y axis, counter-clockwise.")] = None,
+        image_size: Annotated[str, Opt("--image_size", help="Tilt-image size W,H (px).")] = "",
+        tomo_size: Annotated[str, Opt("--tomo_size", help="Tomogram size w,h,d (px) the "
+                                      "projection matrices refer to.")] = "",
+        pixel_size: Annotated[float | None, Opt("--pixel_size", help="Å per pixel.")] = None,
+        o: Annotated[str, Opt("--o", help="Output directory.")] = "",
+        rotation: Annotated[str, Opt("--rotation", help=f"In-plane rotation: {MODES_HELP}.")] = (
+            "per_tilt"),
+        tilt: Annotated[str, Opt("--tilt", help=f"Tilt angles: {MODES_HELP}.")] = "per_tilt",
+        mag: Annotated[str, Opt("--mag", help=f"Magnification: {MODES_HELP}.")] = "per_tilt",
+        group_size: Annotated[int, Opt("--group_size", help="Tilts per group (grouped).")] = 5,
+        robust: Annotated[bool, Opt("--robust", help="Tukey re-weighting of outliers.")] = False,
+        ref_tilt: Annotated[int, Opt("--ref_tilt", help="Reference tilt index (mag 1); "
+                                     "-1: lowest |tilt|.")] = -1,
+        name: Annotated[str, Opt("--name", help="Output file stem (default --tomo or the "
+                                 "tracks file name).")] = "",
+    ) -> None:
+        """Align a tilt series from tracked gold beads (bundle adjustment like tiltalign)."""
+
+        def go():
+            options = FiducialOptions(
+                rotation=rotation, tilt=tilt, magnification=mag, group_size=group_size,
+                ref_tilt=None if ref_tilt < 0 else ref_tilt, robust="tukey" if robust else "none")
+            _, rep = run_fiducials(
+                tracks=tracks, out_dir=o, tlt=tlt, tomograms=t, tomo=tomo,
+                tilt_axis_deg=tilt_axis, image_size=image_size, tomo_size=tomo_size,
+                pixel_size_ang=pixel_size, options=options, name=name)
+            typer.echo(f"residual RMS {rep['rms_px']:.3f} px ({rep['rms_ang']:.2f} Å), inliers "
+                       f"{rep['rms_inliers_px']:.3f} px; {rep['n_beads']} beads, "
+                       f"{rep['n_tilts']} tilts; report: {Path(o) / 'report.txt'}")
+
+        run(go)
+
+    return fiducials_cmd
+
+
+def register_cli(app, run) -> None:
+    """Add the ``fiducials`` command to the typer ``app``; ``run(fn)`` maps errors to exit 2."""
+    app.command("fiducials")(_fiducials_command(run))
