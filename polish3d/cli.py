@@ -46,6 +46,8 @@ def _root(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
     )
+    # JAX looks for a TPU and says so at WARNING level on every CPU/GPU machine
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -183,7 +183,8 @@ def projection_to_euler(
     regular = np.abs(s20) < 1.0 - 1e-12
     x_tilt = np.where(regular, np.arctan2(a[..., 2, 1], a[..., 2, 2]), 0.0)
     z_reg = np.arctan2(a[..., 1, 0], a[..., 0, 0])
-    z_lock = np.where(s20 > 0, 1.0, -1.0) * np.arctan2(-a[..., 1, 2], a[..., 1, 1])
+    # A20 = +1 (YTilt = −90°): ZRot = +atan2(−A12, A11); A20 = −1 (YTilt = +90°): the negative
+    z_lock = np.where(s20 > 0, -1.0, 1.0) * np.arctan2(-a[..., 1, 2], a[..., 1, 1])
     z_rot = np.where(regular, z_reg, z_lock)
     # P = T(t) · R · T(−c_int)  ⇒  t = P[:3,3] + R · c_int
     c_int = np.array([w0 // 2, h0 // 2, d0 // 2], dtype=np.float64)

@@ -12,32 +12,69 @@ def _problem(seed=0, n=40, f=21, ang_err=0.5, shift_err=3.0, pos_err=2.0, r=10):
     tilts = np.linspace(-60, 60, f)
     image, tomo, px = (512, 512), (512, 512, 128), 10.0
     p_true = geometry.projection_from_euler(
-        rng.normal(0, 0.3, f), tilts, 85 + rng.normal(0, 0.3, f), rng.normal(0, 20, f),
-        rng.normal(0, 20, f), pixel_size_ang=px, image_size_px=image, tomo_size_px=tomo)
+        rng.normal(0, 0.3, f),
+        tilts,
+        85 + rng.normal(0, 0.3, f),
+        rng.normal(0, 20, f),
+        rng.normal(0, 20, f),
+        pixel_size_ang=px,
+        image_size_px=image,
+        tomo_size_px=tomo,
+    )
     x_true = rng.uniform([100, 100, 40], [412, 412, 88], size=(n, 3))
-    e = geometry.projection_to_euler(p_true, pixel_size_ang=px, image_size_px=image, tomo_size_px=tomo)
+    e = geometry.projection_to_euler(
+        p_true, pixel_size_ang=px, image_size_px=image, tomo_size_px=tomo
+    )
     p_nom = geometry.projection_from_euler(
-        e["rlnTomoXTilt"] + rng.normal(0, ang_err, f), e["rlnTomoYTilt"] + rng.normal(0, ang_err, f),
-        e["rlnTomoZRot"] + rng.normal(0, ang_err, f), e["rlnTomoXShiftAngst"] + px * rng.normal(0, shift_err, f),
+        e["rlnTomoXTilt"] + rng.normal(0, ang_err, f),
+        e["rlnTomoYTilt"] + rng.normal(0, ang_err, f),
+        e["rlnTomoZRot"] + rng.normal(0, ang_err, f),
+        e["rlnTomoXShiftAngst"] + px * rng.normal(0, shift_err, f),
         e["rlnTomoYShiftAngst"] + px * rng.normal(0, shift_err, f),
-        pixel_size_ang=px, image_size_px=image, tomo_size_px=tomo)
+        pixel_size_ang=px,
+        image_size_px=image,
+        tomo_size_px=tomo,
+    )
     x_nom = x_true + rng.normal(0, pos_err, x_true.shape)
     u_true = geometry.project_points(p_true, x_true).transpose(1, 0, 2)
     u0 = geometry.project_points(p_nom, x_nom).transpose(1, 0, 2)
     d = 2 * r + 5
     grid = np.arange(d) - (d - 1) / 2
     off = u_true - u0
-    cc = np.exp(-((grid[None, None, None, :] - off[..., 0, None, None]) ** 2
-                  + (grid[None, None, :, None] - off[..., 1, None, None]) ** 2) / (2 * 2.0**2))
-    return dict(p_true=p_true, x_true=x_true, p_nom=p_nom, x_nom=x_nom, u_true=u_true, u0=u0, cc=cc,
-                image=image, tomo=tomo, r=r)
+    cc = np.exp(
+        -(
+            (grid[None, None, None, :] - off[..., 0, None, None]) ** 2
+            + (grid[None, None, :, None] - off[..., 1, None, None]) ** 2
+        )
+        / (2 * 2.0**2)
+    )
+    return dict(
+        p_true=p_true,
+        x_true=x_true,
+        p_nom=p_nom,
+        x_nom=x_nom,
+        u_true=u_true,
+        u0=u0,
+        cc=cc,
+        image=image,
+        tomo=tomo,
+        r=r,
+    )
 
 
 def _solve(pr, options=optimise.StageOptions(), free=("tilt_angles", "tilt_shifts", "positions")):
     n, f = pr["x_nom"].shape[0], pr["p_nom"].shape[0]
-    data = stage2.build_data(pr["p_nom"], pr["x_nom"], pr["u0"], pr["cc"], np.ones((n, f)),
-                             tomo_size_px=pr["tomo"], image_size_px=pr["image"],
-                             window_radius_px=pr["r"], n_pad=stage2.pad_to_bucket(n))
+    data = stage2.build_data(
+        pr["p_nom"],
+        pr["x_nom"],
+        pr["u0"],
+        pr["cc"],
+        np.ones((n, f)),
+        tomo_size_px=pr["tomo"],
+        image_size_px=pr["image"],
+        window_radius_px=pr["r"],
+        n_pad=stage2.pad_to_bucket(n),
+    )
     params = stage2.initial_params(f, data["positions"].shape[0])
     params, info = optimise.minimise(params, data, options, free_keys=free, max_iter=500)
     delta, dpos = stage2.results_from_params(params, data, options, n)
@@ -80,16 +117,32 @@ def test_gradient_matches_finite_differences():
     try:
         pr = _problem(n=5, f=5)
         n, f = 5, 5
-        data = stage2.build_data(pr["p_nom"], pr["x_nom"], pr["u0"], pr["cc"], np.ones((n, f)),
-                                 tomo_size_px=pr["tomo"], image_size_px=pr["image"], window_radius_px=pr["r"])
+        data = stage2.build_data(
+            pr["p_nom"],
+            pr["x_nom"],
+            pr["u0"],
+            pr["cc"],
+            np.ones((n, f)),
+            tomo_size_px=pr["tomo"],
+            image_size_px=pr["image"],
+            window_radius_px=pr["r"],
+        )
         data = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), data)
         rng = np.random.default_rng(1)
-        params = {"tilt_angles": jnp.asarray(rng.normal(0, 0.3, (f, 3))),
-                  "tilt_shifts": jnp.asarray(rng.normal(0, 0.3, (f, 2))),
-                  "positions": jnp.asarray(rng.normal(0, 0.3, (n, 3)))}
+        params = {
+            "tilt_angles": jnp.asarray(rng.normal(0, 0.3, (f, 3))),
+            "tilt_shifts": jnp.asarray(rng.normal(0, 0.3, (f, 2))),
+            "positions": jnp.asarray(rng.normal(0, 0.3, (n, 3))),
+        }
         opts = optimise.StageOptions(range_reg=0.1)
-        jax.test_util.check_grads(lambda p: objective.total_cost(p, data, opts), (params,), order=1,
-                                  modes=("rev",), atol=1e-4, rtol=1e-4)
+        jax.test_util.check_grads(
+            lambda p: objective.total_cost(p, data, opts),
+            (params,),
+            order=1,
+            modes=("rev",),
+            atol=1e-4,
+            rtol=1e-4,
+        )
     finally:
         jax.config.update("jax_enable_x64", False)
 

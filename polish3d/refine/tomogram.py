@@ -174,16 +174,27 @@ def refine_tomogram(
     const = prepare_tomogram_constants(ts, stack, refs_ft, envelope, config)
     p_cur = np.asarray(ts.projections, np.float64).copy()
     x_cur = np.asarray(particles.positions_px, np.float64).copy()
-    offsets = (
-        np.zeros((n, f, 3)) if particles.trajectories_px is None else np.asarray(particles.trajectories_px)
-    )
     centre = geometry.tomogram_centre_px(ts.tomo_size_px)
     hw = int(math.ceil(config.r)) + 2
     n_pad = stage2.pad_to_bucket(n)
+    plugins = _build_plugins(ts, particles, config, motion, deformation, n_pad, report)
+    motion_plugin = plugins.get("motion")
+    deform_plugin = plugins.get("deformation")
+    plugin_params = {k: pl.init_params() for k, pl in plugins.items()}
+
+    def offsets_now():
+        """Per-tilt 3D offsets (N, F, 3): the motion model's current trajectories, or the input's."""
+        if motion_plugin is not None:
+            return motion_plugin.trajectories(plugin_params["motion"])
+        if particles.trajectories_px is not None:
+            return np.asarray(particles.trajectories_px, np.float64)
+        return np.zeros((n, f, 3))
 
     def current_geometry(p, x):
-        pts = x[:, None, :] + offsets  # (N, F, 3)
+        pts = x[:, None, :] + offsets_now()  # (N, F, 3)
         u = np.einsum("fij,nfj->nfi", p[:, :2, :3], pts) + p[None, :, :2, 3]
+        if deform_plugin is not None:
+            u = deform_plugin.deform(plugin_params["deformation"], u)
         depth = np.einsum("fj,nfj->nf", p[:, 2, :3], pts) + p[None, :, 2, 3]
         cdepth = p[:, 2, :3] @ centre + p[:, 2, 3]
         rot = np.einsum("fij,njk->nfik", p[:, :3, :3], particles.rotations)
@@ -208,13 +219,12 @@ def refine_tomogram(
         report("coarse_shift", max_shift_px=float(np.abs(shifts).max()), seconds=time.perf_counter() - t0)
         metrics["coarse_shifts_px"] = shifts.tolist()
 
-    if config.shift_only and not config.shift_only_by_particles:
-        pass
-
     options = optimise.StageOptions(
         range_reg=config.range_reg,
         fix_gauge_positions=not config.const_p and not config.const_s,
         fix_gauge_angles=not config.const_a and not config.const_p,
+        motion=None if motion_plugin is None else motion_plugin.static,
+        deformation=None if deform_plugin is None else deform_plugin.static,
     )
     free = []
     if not config.const_a and not config.shift_only:
@@ -223,11 +233,11 @@ def refine_tomogram(
         free.append("tilt_shifts")
     if not config.const_p and not config.shift_only:
         free.append("positions")
+    free += [k for k, pl in plugins.items() if pl.free]
     free = tuple(free)
 
-    n_outer = 0 if (config.shift_only and not config.shift_only_by_particles) else max(config.outer, 1)
-    if config.shift_only:
-        n_outer = 1
+    n_outer = 1 if config.shift_only else max(config.outer, 1)
+    cc_before = None
     for outer in range(n_outer):
         u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
         blur = config.blur_px[min(outer, len(config.blur_px) - 1)] if config.blur_px else 0.0
@@ -242,10 +252,14 @@ def refine_tomogram(
             p_cur, x_cur, u, cc, weight, tomo_size_px=ts.tomo_size_px, image_size_px=ts.image_size_px,
             window_radius_px=config.r, n_pad=n_pad,
         )
-        data["offsets"] = jnp.asarray(
-            np.concatenate([offsets, np.zeros((n_pad - n, f, 3))], 0), jnp.float32
-        )
+        if motion_plugin is None and particles.trajectories_px is not None:
+            data["offsets"] = jnp.asarray(
+                np.concatenate([offsets_now(), np.zeros((n_pad - n, f, 3))], 0), jnp.float32
+            )
+        for pl in plugins.values():
+            data.update(pl.data(p_cur, x_cur))
         params = stage2.initial_params(f, n_pad)
+        params.update(plugin_params)
 
         def cb(it, cost, outer=outer):
             if it < 10 or (it < 100 and it % 10 == 0) or it % 100 == 0:
@@ -255,11 +269,17 @@ def refine_tomogram(
         delta, dpos = stage2.results_from_params(params, data, options, n)
         p_new = delta @ p_cur
         x_new = x_cur + dpos if "positions" in free else x_cur
+        plugin_params = {k: params[k] for k in plugins}
         u_new = current_geometry(p_new, x_new)[0]
         move = np.linalg.norm(u_new - u, axis=-1)
         vis_any = vis.any()
+        cc_centre = cc[:, :, hw, hw]
+        per_tilt_cc = [float(cc_centre[vis[:, j], j].mean()) if vis[:, j].any() else 0.0 for j in range(f)]
+        if cc_before is None:
+            cc_before = per_tilt_cc
         step = {
             "outer": outer,
+            "blur_px": blur,
             "cost_initial": info.cost_initial,
             "cost_final": info.cost_final,
             "iterations": info.iterations,
@@ -268,7 +288,7 @@ def refine_tomogram(
             "lbfgs_seconds": info.seconds,
             "move_rms_px": float(np.sqrt(np.mean(move[vis] ** 2))) if vis_any else 0.0,
             "move_max_px": float(move[vis].max()) if vis_any else 0.0,
-            "mean_cc_before": float(np.mean(cc[:, :, hw, hw][vis])) if vis_any else 0.0,
+            "mean_cc": float(np.mean(cc_centre[vis])) if vis_any else 0.0,
         }
         metrics["outer"].append(step)
         report("outer", **step)
@@ -278,13 +298,47 @@ def refine_tomogram(
 
     u_final = current_geometry(p_cur, x_cur)[0]
     disp = np.linalg.norm(u_final - u_input, axis=-1)
+    metrics["per_tilt_cc_first"] = cc_before
+    metrics["per_tilt_cc_last"] = per_tilt_cc
+    metrics["per_tilt_displacement_rms_px"] = [
+        float(np.sqrt(np.mean(disp[:, j] ** 2))) for j in range(f)
+    ]
     metrics["displacement_rms_px"] = float(np.sqrt(np.mean(disp**2)))
     metrics["displacement_max_px"] = float(disp.max()) if disp.size else 0.0
-    metrics["seconds"] = time.perf_counter() - t_start
-    return TomogramResult(
+    result = TomogramResult(
         name=ts.name,
         projections=p_cur,
         positions_px=None if config.shift_only else x_cur,
         trajectories_px=particles.trajectories_px,
+        deformation=ts.deformation,
         metrics=metrics,
     )
+    for pl in plugins.values():
+        pl.finish(plugin_params[pl.key], result)
+    metrics["seconds"] = time.perf_counter() - t_start
+    return result
+
+
+def _build_plugins(ts, particles, config, motion, deformation, n_pad, report) -> dict:
+    """Model plug-ins of the stage-2 objective (motion, deformation), keyed by parameter name.
+
+    A plug-in has: ``key`` (the parameter block name), ``free`` (optimised or held fixed),
+    ``static`` (hashable object used inside the jitted objective: ``offsets_and_prior`` for
+    motion, ``apply_and_prior`` for deformation), ``init_params()``, ``data(P, X)`` (arrays
+    added to the stage-2 data pytree, keys prefixed by the plug-in), host-side evaluation
+    (``trajectories(params) -> (N, F, 3)`` px or ``deform(params, u) -> u``) and
+    ``finish(params, result)`` which stores the refined model in the ``TomogramResult``.
+    """
+    plugins = {}
+    if motion is not None:
+        from polish3d.refine import motion as motion_mod
+
+        plugins["motion"] = motion_mod.build_plugin(motion, ts, particles, config, n_pad, report)
+    needs_deformation = deformation is not None or ts.deformation is not None
+    if needs_deformation:
+        from polish3d.refine import deformation as deformation_mod
+
+        pl = deformation_mod.build_plugin(deformation, ts, config, n_pad, report)
+        if pl is not None:
+            plugins["deformation"] = pl
+    return plugins

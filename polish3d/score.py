@@ -1,0 +1,380 @@
+"""Reprojection error of a refined optimisation set against the ground truth (``polish3d score``).
+
+**Measure.** For every listed particle ``p`` (matched by ``rlnTomoParticleName``) and every tilt
+``j`` (matched by row of the per-tilt tables) we compare where the two sets *project* the
+particle: ``u_pj = u + def_j(u)``, ``u = xy(P_j · [X_p + m_pj; 1])`` with the set's own
+projection ``P_j`` (tilt-series STAR), static position ``X_p`` (particles.star), motion ``m_pj``
+(motion.star, if any) and 2D deformation ``def_j`` (if any). The distance ``|u_ref − u_true|``
+(pixels) is summarised as RMS, median, 95th percentile and maximum, overall, per tomogram and
+per tilt.
+
+**Gauge.** The data only constrain 2D projections: moving all particles by one 3D rigid motion
+``G`` and replacing every ``P_j`` by ``P_j·G⁻¹`` leaves every ``u_pj`` unchanged. The projected
+distances above are therefore already gauge-invariant and need no alignment. Tilt *angles*,
+however, depend on the gauge, so for the angle errors the refined frame is first aligned to
+the true frame by the least-squares rigid transform ``X_true ≈ R·X_ref + t`` of the particle
+positions (Kabsch); the refined projections become ``P_j·T⁻¹`` and the camera-frame rotation
+error ``angle(A'_j · A_jᵀ)`` (degrees) is reported, with the residual 3D position error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from polish3d import geometry as geo
+from polish3d.model import Deformation
+
+__all__ = ["evaluate_deformation", "project_particles", "register_cli", "rigid_align", "score"]
+
+
+# ----------------------------------------------------------------------------------------------
+# deformation models (numpy, RELION layouts; spec §4)
+# ----------------------------------------------------------------------------------------------
+
+
+def _spline(coeffs, grid, image_size, pts):
+    gw, gh = grid
+    w, h = image_size
+    c = np.asarray(coeffs, dtype=np.float64).reshape(2, gh, gw, 4)
+    spacing = np.array([w / (gw - 1), h / (gh - 1)])
+    g = pts / spacing
+    eps = 1e-10
+    g = np.clip(g, 0.0, np.array([gw - 1 - eps, gh - 1 - eps]))
+    cell = np.floor(g).astype(int)
+    fr = g - cell
+
+    def basis(t):
+        t2, t3 = t * t, t * t * t
+        return np.stack([1 - 3 * t2 + 2 * t3, 3 * t2 - 2 * t3, t - 2 * t2 + t3, -t2 + t3], -1)
+
+    vx, vy = basis(fr[:, 0]), basis(fr[:, 1])
+    cx, cy = cell[:, 0], cell[:, 1]
+    out = np.zeros_like(pts, dtype=np.float64)
+    for dim in range(2):
+        d00 = c[dim, cy, cx]
+        d01 = c[dim, cy + 1, cx]
+        d10 = c[dim, cy, cx + 1]
+        d11 = c[dim, cy + 1, cx + 1]
+        # F rows: (x-corner 0 values, x-corner 1 values, x-corner 0 x-slopes, x-corner 1 x-slopes)
+        f = np.stack(
+            [
+                np.stack([d00[:, 0], d01[:, 0], d00[:, 2], d01[:, 2]], -1),
+                np.stack([d10[:, 0], d11[:, 0], d10[:, 2], d11[:, 2]], -1),
+                np.stack([d00[:, 1], d01[:, 1], d00[:, 3], d01[:, 3]], -1),
+                np.stack([d10[:, 1], d11[:, 1], d10[:, 3], d11[:, 3]], -1),
+            ],
+            -2,
+        )
+        out[:, dim] = np.einsum("ni,nij,nj->n", vx, f, vy)
+    return out
+
+
+def _fourier_freqs(grid):
+    gw, gh = grid
+    freqs = []
+    for iy in range(gh):
+        if iy < gh // 2:
+            for ix in range(0 if iy > 0 else 1, gw // 2 + 1):
+                freqs.append((ix, iy))
+        else:
+            for ix in range(1, gw // 2 + 1):
+                freqs.append((ix, iy - gh))
+    return np.asarray(freqs, dtype=np.float64).reshape(-1, 2)
+
+
+def _fourier(coeffs, grid, image_size, pts):
+    w, h = image_size
+    fr = _fourier_freqs(grid)
+    k = fr * np.array([np.pi / w, np.pi / h])
+    c = np.asarray(coeffs, dtype=np.float64).reshape(2, len(fr), 2)
+    ph = pts @ k.T  # (n, n_freq)
+    cos, sin = np.cos(ph), np.sin(ph)
+    return np.stack([cos @ c[d, :, 0] + sin @ c[d, :, 1] for d in range(2)], -1)
+
+
+def _linear(coeffs, image_size, pts):
+    a = np.asarray(coeffs, dtype=np.float64)
+    r = pts - np.array([image_size[0] / 2.0, image_size[1] / 2.0])
+    return np.stack([a[0] * r[:, 0], a[1] * r[:, 0] + a[2] * r[:, 1]], -1)
+
+
+def evaluate_deformation(deformation: Deformation | None, image_size_px, points_px, tilt: int):
+    """The 2D deformation ``def_j(u)`` (pixels) of tilt ``tilt`` at image points ``u``.
+
+    Implements RELION's ``spline`` (cubic Hermite on a ``gw × gh`` node grid spanning the image,
+    layout ``((dim·gh + iy)·gw + ix)·4 + {value, slope_x, slope_y, twist}``), ``linear``
+    (``(a_xx·rx, a_xy·rx + a_yy·ry)`` about the image centre) and ``Fourier`` models (spec §4).
+
+    Args:
+        deformation: the model (``None`` ⇒ zeros).
+        image_size_px: ``(W, H)``.
+        points_px: ``(N, 2)`` positions ``(x, y)``.
+        tilt: row of ``deformation.coefficients``.
+
+    Returns:
+        ``(N, 2)`` displacement to add to the points.
+    """
+    pts = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
+    if deformation is None:
+        return np.zeros_like(pts)
+    c = np.asarray(deformation.coefficients)[tilt]
+    if deformation.model == "spline":
+        return _spline(c, deformation.grid_size, image_size_px, pts)
+    if deformation.model == "Fourier":
+        return _fourier(c, deformation.grid_size, image_size_px, pts)
+    if deformation.model == "linear":
+        return _linear(c, image_size_px, pts)
+    raise ValueError(f"unknown deformation model {deformation.model!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading and projecting
+# ----------------------------------------------------------------------------------------------
+
+
+def project_particles(ts, particles) -> np.ndarray:
+    """``(N, F, 2)`` 2D positions of particles in every tilt (projection, motion, deformation).
+
+    Args:
+        ts: :class:`~polish3d.model.TiltSeriesData`.
+        particles: :class:`~polish3d.model.ParticleData` (``trajectories_px`` used if present).
+    """
+    x = np.asarray(particles.positions_px, dtype=np.float64)
+    if particles.trajectories_px is not None:
+        pts = x[None] + np.transpose(np.asarray(particles.trajectories_px), (1, 0, 2))
+    else:
+        pts = x
+    uv = geo.project_points(ts.projections, pts)  # (F, N, 2)
+    if ts.deformation is not None:
+        uv = uv + np.stack(
+            [
+                evaluate_deformation(ts.deformation, ts.image_size_px, uv[j], j)
+                for j in range(len(uv))
+            ]
+        )
+    return np.transpose(uv, (1, 0, 2))
+
+
+def _load(opt_path):
+    from polish3d.io import relion
+    from polish3d.io.star import read_star
+
+    # RELION resolves paths against the project folder (the cwd); sets written by polish3d's
+    # simulator are self-contained, with paths relative to their own folder: use that folder
+    # when the entries do not exist relative to the cwd.
+    project_dir = None
+    raw = next((b for b in read_star(opt_path).values() if isinstance(b, dict)), {})
+    entry = str(raw.get("rlnTomoTomogramsFile", "")).strip()
+    if entry and not Path(entry).is_absolute() and not Path(entry).exists():
+        if (Path(opt_path).parent / entry).exists():
+            project_dir = Path(opt_path).parent
+    opt = relion.read_optimisation_set(opt_path, project_dir=project_dir)
+    if opt.tomograms_file is None or opt.particles_file is None:
+        raise ValueError(f"{opt_path}: needs rlnTomoTomogramsFile and rlnTomoParticlesFile")
+    tomos = relion.read_tomogram_set(opt.tomograms_file, project_dir=project_dir)
+    parts = relion.read_particle_set(opt.particles_file)
+    traj = (
+        relion.read_trajectories(opt.trajectories_file)
+        if opt.trajectories_file is not None
+        else None
+    )
+    out = {}
+    for name in tomos.names:
+        ts = tomos.tilt_series(name, load_images=False)
+        pd_ = parts.for_tomogram(ts, traj, require_half_set=False)
+        if pd_.n_particles:
+            out[name] = (ts, pd_)
+    return out
+
+
+def rigid_align(src, dst):
+    """Least-squares rigid ``(R, t)`` with ``dst ≈ R·src + t`` (Kabsch, proper rotation)."""
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    ms, md = src.mean(0), dst.mean(0)
+    u, _, vt = np.linalg.svd((dst - md).T @ (src - ms))
+    d = np.sign(np.linalg.det(u @ vt))
+    r = u @ np.diag([1.0, 1.0, d]) @ vt
+    return r, md - r @ ms
+
+
+def _rotation_angle_deg(m):
+    tr = np.clip((np.trace(m, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
+    return np.rad2deg(np.arccos(tr))
+
+
+def _stats(d):
+    d = np.asarray(d, np.float64).ravel()
+    if d.size == 0:
+        return {
+            "rms": float("nan"),
+            "median": float("nan"),
+            "p95": float("nan"),
+            "max": float("nan"),
+            "n": 0,
+        }
+    return {
+        "rms": float(np.sqrt(np.mean(d * d))),
+        "median": float(np.median(d)),
+        "p95": float(np.percentile(d, 95)),
+        "max": float(d.max()),
+        "n": int(d.size),
+    }
+
+
+def score(refined_set, truth_set) -> dict:
+    """Score a refined optimisation set against the truth (see the module docstring).
+
+    Args:
+        refined_set: path of the refined ``optimisation_set.star``.
+        truth_set: path of the true one (e.g. ``<sim>/truth/optimisation_set.star``).
+
+    Returns:
+        ``{"overall": stats, "tomograms": {name: {"reprojection": stats, "per_tilt_rms": [F],
+        "per_tilt_median": [F], "angle_error_deg": stats, "per_tilt_angle_error_deg": [F],
+        "euler_error_deg": {XTilt/YTilt/ZRot rms}, "position_error_px": stats,
+        "n_matched": int, "n_missing": int}}, "angle_error_deg": stats,
+        "position_error_px": stats}``; stats = ``{rms, median, p95, max, n}`` in pixels (angles in
+        degrees). Identical sets score exactly 0.
+    """
+    ref = _load(refined_set)
+    tru = _load(truth_set)
+    all_d, all_ang, all_pos = [], [], []
+    per_tomo = {}
+    for name, (ts_t, p_t) in tru.items():
+        if name not in ref:
+            per_tomo[name] = {"n_matched": 0, "n_missing": p_t.n_particles}
+            continue
+        ts_r, p_r = ref[name]
+        if ts_r.n_tilts != ts_t.n_tilts:
+            raise ValueError(
+                f"{name}: {ts_r.n_tilts} tilts in the refined set, {ts_t.n_tilts} in the truth"
+            )
+        index_r = {n: i for i, n in enumerate(p_r.names)}
+        it = [i for i, n in enumerate(p_t.names) if n in index_r]
+        ir = [index_r[p_t.names[i]] for i in it]
+        sub_t = p_t.replace(
+            names=[p_t.names[i] for i in it],
+            positions_px=p_t.positions_px[it],
+            rotations=p_t.rotations[it],
+            half_set=p_t.half_set[it],
+            trajectories_px=None if p_t.trajectories_px is None else p_t.trajectories_px[it],
+        )
+        sub_r = p_r.replace(
+            names=[p_r.names[i] for i in ir],
+            positions_px=p_r.positions_px[ir],
+            rotations=p_r.rotations[ir],
+            half_set=p_r.half_set[ir],
+            trajectories_px=None if p_r.trajectories_px is None else p_r.trajectories_px[ir],
+        )
+        u_t = project_particles(ts_t, sub_t)
+        u_r = project_particles(ts_r, sub_r)
+        d = np.linalg.norm(u_r - u_t, axis=-1)  # (N, F)
+        all_d.append(d.ravel())
+
+        # gauge: align refined frame to the true one, then compare rotations
+        if len(it) >= 3:
+            rot, tr = rigid_align(sub_r.positions_px, sub_t.positions_px)
+        else:
+            rot, tr = np.eye(3), np.zeros(3)
+        tmat = np.eye(4)
+        tmat[:3, :3] = rot
+        tmat[:3, 3] = tr
+        p_aligned = ts_r.projections @ np.linalg.inv(tmat)
+        dr = p_aligned[:, :3, :3] @ np.transpose(ts_t.projections[:, :3, :3], (0, 2, 1))
+        ang = _rotation_angle_deg(dr)
+        all_ang.append(ang)
+        kw = dict(
+            pixel_size_ang=ts_t.pixel_size_ang,
+            image_size_px=ts_t.image_size_px,
+            tomo_size_px=ts_t.tomo_size_px,
+        )
+        e_r = geo.projection_to_euler(p_aligned, **kw)
+        e_t = geo.projection_to_euler(ts_t.projections, **kw)
+        eul = {}
+        for lab, key in (
+            ("rlnTomoXTilt", "XTilt"),
+            ("rlnTomoYTilt", "YTilt"),
+            ("rlnTomoZRot", "ZRot"),
+        ):
+            diff = (e_r[lab] - e_t[lab] + 180.0) % 360.0 - 180.0
+            eul[key] = float(np.sqrt(np.mean(diff**2)))
+        pos_err = np.linalg.norm(sub_r.positions_px @ rot.T + tr - sub_t.positions_px, axis=-1)
+        all_pos.append(pos_err)
+        per_tomo[name] = {
+            "reprojection": _stats(d),
+            "per_tilt_rms": np.sqrt(np.mean(d * d, axis=0)).tolist(),
+            "per_tilt_median": np.median(d, axis=0).tolist(),
+            "angle_error_deg": _stats(ang),
+            "per_tilt_angle_error_deg": ang.tolist(),
+            "euler_error_deg": eul,
+            "position_error_px": _stats(pos_err),
+            "n_matched": len(it),
+            "n_missing": p_t.n_particles - len(it),
+        }
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+    return {
+        "overall": _stats(cat(all_d)),
+        "angle_error_deg": _stats(cat(all_ang)),
+        "position_error_px": _stats(cat(all_pos)),
+        "tomograms": per_tomo,
+    }
+
+
+def format_table(result: dict) -> str:
+    """A short human-readable table of :func:`score`'s result."""
+    lines = [
+        f"{'tomogram':<14}{'n':>6}{'rms px':>10}{'median':>10}{'p95':>10}{'max':>10}"
+        f"{'angle rms°':>12}{'pos rms px':>12}"
+    ]
+    for name, t in result["tomograms"].items():
+        if "reprojection" not in t:
+            lines.append(f"{name:<14}{'missing':>6}")
+            continue
+        r = t["reprojection"]
+        lines.append(
+            f"{name:<14}{t['n_matched']:>6}{r['rms']:>10.3f}{r['median']:>10.3f}{r['p95']:>10.3f}"
+            f"{r['max']:>10.3f}{t['angle_error_deg']['rms']:>12.3f}"
+            f"{t['position_error_px']['rms']:>12.3f}"
+        )
+    o = result["overall"]
+    lines.append(
+        f"{'all':<14}{o['n']:>6}{o['rms']:>10.3f}{o['median']:>10.3f}{o['p95']:>10.3f}"
+        f"{o['max']:>10.3f}{result['angle_error_deg']['rms']:>12.3f}"
+        f"{result['position_error_px']['rms']:>12.3f}"
+    )
+    lines.append(
+        "(n = particles; pixel stats over particles x tilts; angles after rigid alignment)"
+    )
+    return "\n".join(lines)
+
+
+def register_cli(app, run) -> None:
+    """Add ``polish3d score REFINED TRUTH [--json FILE]`` to the typer ``app``."""
+
+    @app.command("score")
+    def score_cmd(
+        refined: Annotated[str, typer.Argument(help="Refined optimisation_set.star.")],
+        truth: Annotated[str, typer.Argument(help="True optimisation_set.star (sim truth/).")],
+        json_out: Annotated[
+            str, typer.Option("--json", help="Also write the full result as JSON.")
+        ] = "",
+    ) -> None:
+        """Reprojection error (px) of a refined set against the ground truth."""
+        from polish3d.errors import InputError
+
+        def go():
+            try:
+                res = score(refined, truth)
+            except ValueError as exc:
+                raise InputError(str(exc)) from exc
+            typer.echo(format_table(res))
+            if json_out:
+                Path(json_out).write_text(json.dumps(res, indent=1))
+
+        run(go)
