@@ -152,6 +152,8 @@ def _progress_printer(name: str) -> Callable[..., None]:
             )
         elif event == "motion":
             log.info("    %s", k.get("message", ""))
+        elif event == "deformation":
+            (log.warning if k.get("warning") else log.info)("    %s", k.get("message", ""))
 
     return report
 
@@ -379,6 +381,7 @@ def _write_outputs(out_dir, tset, pset, results, trajectories, motion_file, part
     for name, res in results.items():
         tset = tset.with_tilt_series(name, projections=res.projections, deformation=res.deformation)
     tomo_path = tset.write(out_dir)
+    _plot_deformations(out_dir, tset, results)
     new_particles = Path(particles_file)
     if not config.shift_only:
         for name, res in results.items():
@@ -402,6 +405,7 @@ def _write_outputs(out_dir, tset, pset, results, trajectories, motion_file, part
             if pname in merged:
                 ordered[pname] = merged[pname]
         traj_path = relion.write_trajectories(out_dir / "motion.star", ordered)
+    _write_motion_extras(out_dir, tset, pset, results)
     opt = relion.OptimisationSet(
         particles_file=new_particles, tomograms_file=tomo_path, trajectories_file=traj_path
     )
@@ -413,6 +417,42 @@ def _write_outputs(out_dir, tset, pset, results, trajectories, motion_file, part
         nodes.append(("motion.star", traj_path))
     _write_nodes(out_dir, nodes)
     return opt_path
+
+
+def _plot_deformations(out_dir: Path, tset, results) -> None:
+    """``<o>/plots/<tomo>_deformation.png``: the deformation grid, exaggerated (never fatal)."""
+    for name, res in results.items():
+        if res.deformation is None:
+            continue
+        try:
+            from polish3d.refine.deformation import plot_deformation
+
+            size = tset.tilt_series(name, load_images=False).image_size_px
+            plot_deformation(res.deformation, size, out_dir / "plots" / f"{name}_deformation.png", title=name)
+        except Exception as exc:  # noqa: BLE001 - a picture must not fail the run
+            log.warning("  %s: could not draw the deformation (%s)", name, exc)
+
+
+def _write_motion_extras(out_dir: Path, tset, pset, results) -> None:
+    """``<o>/Trajectories/<tomo>_x1.ply``, ``_x8.ply`` and ``<o>/plots/<tomo>_motion.png`` for every
+    tomogram with trajectories (positions: the refined ones, else the input's; pixels)."""
+    from polish3d import geometry
+    from polish3d.io import ply
+
+    for name, res in results.items():
+        if res.trajectories_px is None:
+            continue
+        ts = tset.tilt_series(name, load_images=False)
+        pos = res.positions_px
+        if pos is None:
+            pos = pset.for_tomogram(ts, require_half_set=False).positions_px
+        order = geometry.dose_order(ts.pre_exposure_e_per_ang2)
+        ply.write_trajectory_meshes(out_dir / "Trajectories", name, pos, res.trajectories_px, order)
+        try:
+            ply.plot_trajectories(pos, res.trajectories_px, order, out_dir / "plots" / f"{name}_motion.png",
+                                  scale=8.0, title=name)
+        except Exception as exc:  # noqa: BLE001 - a picture must not fail the run
+            log.warning("  %s: could not draw the trajectories (%s)", name, exc)
 
 
 def _write_nodes(out_dir: Path, nodes) -> None:

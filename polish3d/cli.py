@@ -136,7 +136,8 @@ def align_cmd(
     ] = 0.02,
     theme: Annotated[str, Opt("--theme", help="Accepted for RELION compatibility; ignored.")] = "",
     outer: Annotated[
-        int, Opt("--outer", help="polish3d: outer iterations recomputing the CC maps.")
+        int,
+        Opt("--outer", help="polish3d: max. CC-map passes (2nd+ at the refined geometry; 1: RELION-like)."),
     ] = 3,
     device: Annotated[str, Opt("--device", help="polish3d: JAX platform: cpu, gpu or tpu.")] = "",
     pipeline_control: Annotated[
@@ -144,10 +145,10 @@ def align_cmd(
     ] = "",
 ) -> None:
     """Refine per-tilt 5-DOF projections and particle positions (relion_tomo_align)."""
-    from polish3d import align as align_mod
+    from polish3d.align import run_from_cli  # (``polish3d.align`` is the API function)
 
-    options = {k: v for k, v in locals().items() if k not in ("ctx", "align_mod")}
-    _run(lambda: align_mod.run_from_cli(options, ctx.args, sys.argv))
+    options = {k: v for k, v in locals().items() if k not in ("ctx", "run_from_cli")}
+    _run(lambda: run_from_cli(options, ctx.args, sys.argv))
 
 
 def _run(fn) -> None:

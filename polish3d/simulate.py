@@ -114,7 +114,7 @@ class SimulationConfig:
     box_px: int = 64
     image_size_px: tuple[int, int] = (512, 512)
     tomo_thickness_px: int = 96
-    snr: float = 0.05
+    snr: float = 0.5
     tilt_axis_deg: float = 85.0
     x_tilt_err_deg: float = 0.5
     y_tilt_err_deg: float = 0.5
@@ -598,12 +598,6 @@ def simulate(config: SimulationConfig, out_dir, reference=None) -> SimulationRes
             phase_shift_deg=np.zeros(f),
             pre_exposure_e_per_ang2=pre_exposure.astype(np.float64),
         )
-        # the truth set refers to the same stack through a relative symlink (relocatable)
-        link = out / "truth" / "tilt_series" / f"{name}.mrcs"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(Path("..", "..", "tilt_series", f"{name}.mrcs"))
         ts_nom.append(
             TiltSeriesData(
                 projections=p_nom,
@@ -615,7 +609,7 @@ def simulate(config: SimulationConfig, out_dir, reference=None) -> SimulationRes
             TiltSeriesData(
                 projections=p_true,
                 deformation=deformation,
-                image_files=[(str(link.absolute()), j) for j in range(f)],
+                image_files=[(str(stack_path.resolve()), j) for j in range(f)],
                 **common,
             )
         )
@@ -655,17 +649,15 @@ def simulate(config: SimulationConfig, out_dir, reference=None) -> SimulationRes
             }
         )
 
-    refs = {"ref1": half_paths[0], "ref2": half_paths[1], "mask": mask_path, "fsc": fsc_path}
+    refs = {
+        k: Path(v).resolve()
+        for k, v in {"ref1": half_paths[0], "ref2": half_paths[1], "mask": mask_path, "fsc": fsc_path}.items()
+    }
     opt = relion.write_new_optimisation_set(out, ts_nom, parts_nom, references=refs)
-    ref_link = out / "truth" / "reference"
-    if ref_link.is_symlink():
-        ref_link.unlink()
-    if not ref_link.exists():
-        ref_link.symlink_to(Path("..", "reference"), target_is_directory=True)
-    refs_true = {k: ref_link / Path(v).name for k, v in refs.items()}
-    # truth trajectories come from the particles' trajectories_px (motion.star when motion is on)
+    # the truth set lives in the same project (every path relative to <out>): it shares the
+    # stacks and references; truth trajectories come from the particles' trajectories_px
     opt_true = relion.write_new_optimisation_set(
-        out / "truth", ts_true, parts_true, references=refs_true
+        out / "truth", ts_true, parts_true, references=refs, project_dir=out
     )
     npz["config_json"] = np.array(json.dumps(dataclasses.asdict(cfg)))
     npz_path = out / "truth" / "truth.npz"

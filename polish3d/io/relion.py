@@ -67,6 +67,24 @@ ORIGIN_LABELS = ("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")
 ANGLE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 SUBTOMO_LABELS = ("rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt", "rlnTomoSubtomogramPsi")
 DEFORMATION_TYPES = ("spline", "Fourier", "linear")
+DEFORMATION_LABELS = ("rlnTomoDeformationGridSizeX", "rlnTomoDeformationGridSizeY", "rlnTomoDeformationType")
+
+
+def deformation_coefficient_count(model: str, grid) -> int:
+    """Length of one tilt's ``rlnTomoDeformationCoefficients`` for a model and grid ``(gw, gh)``.
+
+    ``spline``: ``8·gw·gh``; ``linear``: 3; ``Fourier``: ``4·n_freq`` with RELION's frequency
+    set (``polish3d.refine.deformation.fourier_frequencies``; the layout RELION *writes*).
+    """
+    gw, gh = (int(v) for v in grid)
+    if model == "spline":
+        return 8 * gw * gh
+    if model == "linear":
+        return 3
+    if model == "Fourier":
+        n_freq = sum(gw // 2 + (1 if 0 < iy < gh // 2 else 0) for iy in range(gh))
+        return 4 * n_freq
+    raise ValueError(f"unknown deformation model {model!r}")
 
 _OPT_KEYS = {
     "particles_file": "rlnTomoParticlesFile",
@@ -518,7 +536,15 @@ class TomogramSet:
         where_g = f"{self.source} (tomogram {name})"
         where_t = self._table_where(name)
         kind = str(row.get("rlnTomoDeformationType", ""))
+        has_coeffs = "rlnTomoDeformationCoefficients" in table.columns
         if kind not in DEFORMATION_TYPES:
+            if not has_coeffs:
+                # e.g. the STAR default 'empty' that RELION writes for tomograms without
+                # particles (issue #905): no deformation
+                log.warning(
+                    "%s: rlnTomoDeformationType %r without coefficients; no deformation", where_g, kind
+                )
+                return None
             raise InputError(
                 f"{where_g}: rlnTomoDeformationType is {kind!r}, "
                 f"expected one of {', '.join(DEFORMATION_TYPES)}"
@@ -527,7 +553,7 @@ class TomogramSet:
             int(_scalar(row, "rlnTomoDeformationGridSizeX", where_g)),
             int(_scalar(row, "rlnTomoDeformationGridSizeY", where_g)),
         )
-        if "rlnTomoDeformationCoefficients" not in table.columns:
+        if not has_coeffs:
             return None
         coeffs = _vector_rows(table, "rlnTomoDeformationCoefficients", where_t)
         sizes = {c.size for c in coeffs}
@@ -629,7 +655,7 @@ class TomogramSet:
             The path of the new ``tomograms.star``.
         """
         out_dir = Path(out_dir)
-        g = self.global_table.copy()
+        g, tilt_tables = _complete_deformations(self.global_table.copy(), dict(self.tilt_tables))
         entries = []
         used: dict[Path, str] = {}
         for name in self.names:
@@ -639,12 +665,71 @@ class TomogramSet:
             if new in used:
                 new = out_dir / "tilt_series" / f"{name}.star"
             used[new] = name
-            write_star(new, {name: self.tilt_tables[name]})
+            write_star(new, {name: tilt_tables[name]})
             entries.append(_relative_to(new, project_dir))
         g["rlnTomoTiltSeriesStarFile"] = pd.Series(entries, index=g.index, dtype=object)
         blocks: dict = {"global": g}
         blocks.update(self.extra_blocks)
         return write_star(out_dir / "tomograms.star", blocks)
+
+
+def _complete_deformations(g: pd.DataFrame, tables: dict) -> tuple[pd.DataFrame, dict]:
+    """Make the deformation columns valid for every tomogram before writing (RELION #905).
+
+    RELION decides per *set* whether deformations exist (both ``rlnTomoDeformationGridSizeX/Y``
+    columns present) and then needs, for every tomogram, a valid ``rlnTomoDeformationType`` and
+    per-tilt ``rlnTomoDeformationCoefficients`` (else it fails with "illegal deformation type
+    'empty'", or dereferences a missing deformation). A tomogram without a (valid) deformation
+    therefore gets the model and grid of the first tomogram that has one (or keeps its own valid
+    model and grid) and zero coefficients — the identity. If no tomogram has coefficients, the
+    global deformation columns are dropped.
+    """
+    if not all(lab in g.columns for lab in DEFORMATION_LABELS[:2]):
+        return g, tables
+    key = "rlnTomoDeformationCoefficients"
+    names = g["rlnTomoName"].astype(str).tolist()
+    if DEFORMATION_LABELS[2] in g.columns:
+        kinds = g[DEFORMATION_LABELS[2]].astype(str).tolist()
+    else:
+        kinds = [""] * len(g)
+
+    def grid_of(i):
+        try:
+            gx = float(g[DEFORMATION_LABELS[0]].iloc[i])
+            gy = float(g[DEFORMATION_LABELS[1]].iloc[i])
+        except (TypeError, ValueError):
+            return None
+        return (int(gx), int(gy)) if np.isfinite(gx) and np.isfinite(gy) and gx >= 1 and gy >= 1 else None
+
+    def has_coeffs(name):
+        t = tables.get(name)
+        return t is not None and key in t.columns and not t[key].isna().any()
+
+    setups = [(k, grid_of(i)) if k in DEFORMATION_TYPES and grid_of(i) is not None else None
+              for i, k in enumerate(kinds)]
+    ref = next((i for i, n in enumerate(names) if setups[i] is not None and has_coeffs(n)), None)
+    if ref is None:
+        log.warning("deformation columns without coefficients in any tomogram; dropping them")
+        g = g.drop(columns=[c for c in DEFORMATION_LABELS if c in g.columns])
+        for n in names:
+            if n in tables and key in tables[n].columns:
+                tables[n] = tables[n].drop(columns=[key])
+        return g, tables
+    for i, n in enumerate(names):
+        if setups[i] is not None and has_coeffs(n):
+            continue
+        if setups[i] is None:
+            setups[i] = setups[ref]
+        if n in tables:
+            t = tables[n].copy()
+            m = deformation_coefficient_count(*setups[i])
+            t[key] = [[0.0] * m for _ in range(len(t))]
+            tables[n] = t
+        log.info("%s: no deformation; writing a zero %s deformation (RELION needs one)", n, setups[i][0])
+    g[DEFORMATION_LABELS[0]] = np.asarray([s[1][0] for s in setups], dtype=np.int64)
+    g[DEFORMATION_LABELS[1]] = np.asarray([s[1][1] for s in setups], dtype=np.int64)
+    g[DEFORMATION_LABELS[2]] = pd.Series([s[0] for s in setups], index=g.index, dtype=object)
+    return g, tables
 
 
 def _pick_block(blocks: dict, name: str, path: Path, referrer: Path) -> pd.DataFrame:
@@ -1111,16 +1196,19 @@ def write_new_optimisation_set(
     tilt_tables_extra: Mapping[str, pd.DataFrame] | None = None,
     particles_extra_columns: Mapping[str, pd.DataFrame] | None = None,
     references: Mapping[str, object] | None = None,
+    project_dir=None,
     trajectories: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a complete RELION 5 optimisation set built from in-memory records.
 
-    ``out_dir`` is treated as the project folder: every path inside the files is relative to it.
+    Every path inside the files is relative to the project folder ``project_dir`` (default:
+    ``out_dir`` itself), as RELION writes them.
     Writes ``tomograms.star``, ``tilt_series/<name>.star``, ``particles.star``, optionally
     ``motion.star``, and ``optimisation_set.star``.
 
     Args:
-        out_dir: destination (and project) folder.
+        out_dir: destination folder.
+        project_dir: the project folder paths are written relative to (default ``out_dir``).
         tilt_series: one record per tilt series (``image_files`` give ``rlnMicrographName`` as
             ``n@path``; default ``n@tilt_series/<name>.mrcs``).
         particles: ``{tomogram name: ParticleData}``; positions written as centred Å with zero
@@ -1138,10 +1226,24 @@ def write_new_optimisation_set(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    project = Path(project_dir) if project_dir is not None else out
+
+    def rel(path: Path) -> str:
+        return _relative_to(path, project)
     tilt_tables_extra = dict(tilt_tables_extra or {})
     particles_extra_columns = dict(particles_extra_columns or {})
 
     any_bf = any(ts.bfactor_per_dose_ang2 != 0 for ts in tilt_series)
+    # RELION needs a valid deformation for every tomogram once one has it (#905): zero fill
+    ref_def = next((ts.deformation for ts in tilt_series if ts.deformation is not None), None)
+    if ref_def is not None:
+        m = deformation_coefficient_count(ref_def.model, ref_def.grid_size)
+        grid = tuple(ref_def.grid_size)
+        tilt_series = [
+            ts if ts.deformation is not None
+            else ts.replace(deformation=Deformation(ref_def.model, grid, np.zeros((ts.n_tilts, m))))
+            for ts in tilt_series
+        ]
     rows = []
     for ts in tilt_series:
         r = {
@@ -1153,7 +1255,7 @@ def write_new_optimisation_set(
             "rlnTomoHand": float(ts.hand),
             "rlnOpticsGroupName": "opticsGroup1",
             "rlnTomoTiltSeriesPixelSize": float(ts.pixel_size_ang),
-            "rlnTomoTiltSeriesStarFile": f"tilt_series/{ts.name}.star",
+            "rlnTomoTiltSeriesStarFile": rel(out / "tilt_series" / f"{ts.name}.star"),
             "rlnTomoSizeX": int(ts.tomo_size_px[0]),
             "rlnTomoSizeY": int(ts.tomo_size_px[1]),
             "rlnTomoSizeZ": int(ts.tomo_size_px[2]),
@@ -1171,7 +1273,7 @@ def write_new_optimisation_set(
         rows.append(r)
         write_star(
             out / "tilt_series" / f"{ts.name}.star",
-            {ts.name: _tilt_table(ts, out, tilt_tables_extra.get(ts.name))},
+            {ts.name: _tilt_table(ts, project, tilt_tables_extra.get(ts.name))},
         )
     g = pd.DataFrame(rows)
     for lab in ("rlnTomoDefocusSlope",):
@@ -1252,12 +1354,12 @@ def write_new_optimisation_set(
     if trajectories is not None:
         traj_out = {str(k): np.asarray(v) for k, v in trajectories.items()}
     kv = {
-        "rlnTomoParticlesFile": "particles.star",
-        "rlnTomoTomogramsFile": "tomograms.star",
+        "rlnTomoParticlesFile": rel(out / "particles.star"),
+        "rlnTomoTomogramsFile": rel(out / "tomograms.star"),
     }
     if traj_out:
         write_trajectories(out / "motion.star", traj_out)
-        kv["rlnTomoTrajectoriesFile"] = "motion.star"
+        kv["rlnTomoTrajectoriesFile"] = rel(out / "motion.star")
     for key, value in (references or {}).items():
         if value is None:
             continue
@@ -1265,7 +1367,7 @@ def write_new_optimisation_set(
         if label not in _OPT_KEYS.values():
             raise ValueError(f"unknown reference key {key!r}; use one of {list(_OPT_KEYS)[4:]}")
         vp = Path(str(value))
-        kv[label] = _relative_to(vp, out) if vp.is_absolute() else vp.as_posix()
+        kv[label] = rel(vp) if vp.is_absolute() else vp.as_posix()
     return write_star(out / "optimisation_set.star", {"": kv})
 
 

@@ -29,7 +29,14 @@ from polish3d import imaging
 from polish3d.imaging.extract import circle_mask
 from polish3d.imaging.fourier import radius_2d, rfft2c, shift_phase
 
-__all__ = ["CCInputs", "compute_cc_windows", "frequency_weights", "gather_boxes", "observe_windows"]
+__all__ = [
+    "CCInputs",
+    "blur_windows",
+    "compute_cc_windows",
+    "frequency_weights",
+    "gather_boxes",
+    "observe_windows",
+]
 
 
 def frequency_weights(
@@ -123,20 +130,42 @@ class CCInputs(dict):
     """
 
 
+def blur_windows(windows: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian low-pass (standard deviation ``sigma_px``) of CC windows ``(..., D, D)``.
+
+    Equivalent to multiplying the CC spectrum by ``exp(−2π²σ²|k|²/s²)`` away from the window
+    edges (zero outside the window); widens each peak's basin of attraction for the coarse
+    stage-2 runs. Separable: ``G · C · Gᵀ`` with a ``D × D`` Gaussian matrix.
+    """
+    d = windows.shape[-1]
+    x = np.arange(d, dtype=np.float64)
+    g = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma_px) ** 2)
+    g /= np.sqrt(2 * np.pi) * sigma_px
+    return np.asarray(_blur(jnp.asarray(windows, jnp.float32), jnp.asarray(g, jnp.float32)))
+
+
+@jax.jit
+def _blur(w, g):
+    return jnp.einsum("ij,...jk,lk->...il", g, w, g)
+
+
 def _window_indices(box: int, half_width: int) -> np.ndarray:
     return np.mod(np.arange(-half_width, half_width + 1), box)
 
 
-@functools.partial(jax.jit, static_argnames=("half_width", "want_sum"))
-def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, const, half_width, want_sum):
-    """CC windows for a chunk: windows ``(n, F, s, s)`` → ``(n, F, D, D)`` (``D = 2·hw+1``)."""
+@functools.partial(jax.jit, static_argnames=("half_width",))
+def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, const, half_width):
+    """CC windows for a chunk of one half set ``half`` (1 or 2): ``(n, F, s, s)`` → ``(n, F, D, D)``."""
     box = windows.shape[-1]
     y = observe_windows(windows, frac)  # (n, F, s, sh)
     du = const["defocus_u"][None] + const["hand_slope_px"] * (depth - centre_depth[None])
     dv = const["defocus_v"][None] + const["hand_slope_px"] * (depth - centre_depth[None])
 
-    def one(rot, h, du_, dv_, ang, ps, bf, sc):
-        ref = jnp.where(h == 2, const["refs"][1], const["refs"][0])
+    # one half map per chunk (the host groups particles by half set): selecting the map per
+    # particle inside vmap would materialise a 3D map per particle-tilt
+    ref = jax.lax.dynamic_index_in_dim(const["refs"], half - 1, axis=0, keepdims=False)
+
+    def one(rot, du_, dv_, ang, ps, bf, sc):
         sl = imaging.central_slice(ref, rot, box)
         ctf = imaging.ctf_2d(
             box, const["pixel_size"], du_, dv_, ang, const["voltage"], const["cs"], const["q0"],
@@ -144,10 +173,10 @@ def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, cons
         )
         return sl * ctf
 
-    per_tilt = jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0, 0, 0))
-    per_part = jax.vmap(per_tilt, in_axes=(0, 0, 0, 0, None, None, None, None))
+    per_tilt = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0))
+    per_part = jax.vmap(per_tilt, in_axes=(0, 0, 0, None, None, None, None))
     s = per_part(
-        cam_rot, half, du, dv, const["defocus_angle"], const["phase_shift"], const["bfactor"],
+        cam_rot, du, dv, const["defocus_angle"], const["phase_shift"], const["bfactor"],
         const["ctf_scale"],
     )
     s = s * (const["dose"][None] / np.sqrt(box))
@@ -156,8 +185,7 @@ def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, cons
     cc = cc * vis[..., None, None]
     idx = _window_indices(box, half_width)
     win = cc[..., idx[:, None], idx[None, :]]
-    total = jnp.sum(cc, axis=0) if want_sum else None
-    return win, total
+    return win, jnp.sum(cc, axis=0)
 
 
 def compute_cc_windows(
@@ -173,7 +201,6 @@ def compute_cc_windows(
     box: int,
     half_width: int,
     chunk: int = 16,
-    want_sum: bool = False,
     blur_px: float = 0.0,
 ):
     """CC windows of all particles of a tomogram.
@@ -192,8 +219,8 @@ def compute_cc_windows(
         chunk: particles per jitted call (memory bound).
         blur_px: Gaussian low-pass of the CC maps (standard deviation in pixels; 0: none).
             Widens the basin of each peak for the first, coarse outer iterations.
-        want_sum: also return the visibility-weighted sum over particles of the full CC maps
-            ``(F, s, s)`` (zero displacement at index 0, periodic), for per-tilt shift search.
+        (also returned: the visibility-weighted sum over particles of the full CC maps
+        ``(F, s, s)``, zero displacement at index 0, periodic: the per-tilt shift search.)
 
     Returns:
         ``(N, F, D, D)`` float32 windows and the sum (or ``None``).
@@ -202,29 +229,31 @@ def compute_cc_windows(
     rad = radius_2d(box)
     blur = np.exp(-2.0 * (np.pi * blur_px * rad / box) ** 2).astype(np.float32)
     out = np.zeros((n, f, 2 * half_width + 1, 2 * half_width + 1), np.float32)
-    total = np.zeros((f, box, box), np.float64) if want_sum else None
-    for start in range(0, n, chunk):
-        sl = slice(start, min(start + chunk, n))
-        m = sl.stop - sl.start
-        pad = chunk - m
+    total = np.zeros((f, box, box), np.float64)
+    half_set = np.asarray(half_set)
+    for h in (1, 2):
+        members = np.flatnonzero(half_set == h) if h == 2 else np.flatnonzero(half_set != 2)
+        for start in range(0, len(members), chunk):
+            sel = members[start : start + chunk]
+            m = len(sel)
+            pad = chunk - m
 
-        def padded(a, pad=pad):
-            a = np.asarray(a)
-            return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
+            def padded(a, pad=pad):
+                a = np.asarray(a)
+                return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
 
-        uu = u0[sl]
-        win = gather_boxes(stack, uu, box)
-        frac = uu - np.floor(uu + 0.5)
-        vis = np.asarray(visible[sl], np.float32)
-        if pad:
-            vis = np.concatenate([vis, np.zeros((pad, f), np.float32)], 0)
-        w, t = _cc_chunk(
-            jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
-            jnp.asarray(padded(cam_rot[sl]), jnp.float32), jnp.asarray(padded(depth[sl]), jnp.float32),
-            jnp.asarray(centre_depth, jnp.float32), jnp.asarray(padded(half_set[sl])),
-            jnp.asarray(vis), jnp.asarray(blur), const, half_width, want_sum,
-        )
-        out[sl] = np.asarray(w)[:m]
-        if want_sum:
+            uu = u0[sel]
+            win = gather_boxes(stack, uu, box)
+            frac = uu - np.floor(uu + 0.5)
+            vis = np.asarray(visible[sel], np.float32)
+            if pad:
+                vis = np.concatenate([vis, np.zeros((pad, f), np.float32)], 0)
+            w, t = _cc_chunk(
+                jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
+                jnp.asarray(padded(cam_rot[sel]), jnp.float32),
+                jnp.asarray(padded(depth[sel]), jnp.float32), jnp.asarray(centre_depth, jnp.float32),
+                jnp.int32(h), jnp.asarray(vis), jnp.asarray(blur), const, half_width,
+            )
+            out[sel] = np.asarray(w)[:m]
             total += np.asarray(t, np.float64)
     return out, total

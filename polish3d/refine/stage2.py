@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import jax.numpy as jnp
+import numpy as np
 
 from polish3d import geometry
 from polish3d.refine.objective import tilt_transforms

@@ -9,10 +9,12 @@ callback ``progress(event: str, **figures)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,13 +39,16 @@ class AlignConfig:
         per_frame_noise, srp, hp, cutoff_fract: frequency-weight options (§2.4).
         min_frame, max_frame: dose-rank range used in the cost (``-1``: last).
         shift_only, shift_only_by_particles: rigid per-tilt 2D shifts only.
-        outer: polish3d: number of outer iterations (CC maps recomputed at the refined geometry).
-        blur_px: polish3d: Gaussian low-pass (px) of the CC maps per outer iteration (the last
-            value repeats): a coarse-to-fine schedule that widens the capture range.
+        outer: polish3d: number of CC-map computations (the 2nd and later at the refined
+            geometry, so rotations enter the predictions and the capture range is not ±r).
+        blur_px: polish3d: coarse-to-fine schedule of Gaussian low-passes (px) applied to the
+            first CC maps, one L-BFGS run each (ends with 0): widens the capture range.
+        coarse_particles: polish3d: particles used by the per-tilt shift search.
         coarse_shift: polish3d: start with a per-tilt shift search over the whole box (capture
             range ± s/2 instead of ± r).
         chunk: particles per CC-stage call (memory bound).
-        tol_px: stop the outer iterations once no projected position moves more than this.
+        tol_rms_px, tol_max_px: stop the outer iterations once the projected positions move less
+            than this (RMS and maximum over particles × tilts, pixels) in one outer iteration.
     """
 
     box: int
@@ -64,9 +69,48 @@ class AlignConfig:
     shift_only_by_particles: bool = False
     outer: int = 3
     blur_px: tuple[float, ...] = (3.0, 1.0, 0.0)
+    coarse_particles: int = 128
     coarse_shift: bool = True
     chunk: int = 16
-    tol_px: float = 0.02
+    tol_rms_px: float = 0.05
+    tol_max_px: float = 1.0
+
+
+@functools.partial(jax.jit, static_argnames=("box",))
+def _tile_power(tiles, box: int):
+    """Radially averaged mean unitary periodogram of ``(T, s, s)`` tiles → ``(s//2+1,)``."""
+    ft = jnp.fft.rfft2(tiles, norm="ortho")
+    return imaging.radial_average(jnp.mean(ft.real**2 + ft.imag**2, axis=0), box)
+
+
+def noise_spectra(stack, box: int, max_tiles: int = 400) -> np.ndarray:
+    """Radial noise power ``(F, s//2+1)`` of every tilt image (RELION's whitening input, §2.4).
+
+    The mean periodogram of ``s × s`` tiles on RELION's 50 %-overlap grid (tiles start at
+    multiples of ``s//2`` and lie inside the image). For large images an evenly spread subset of
+    at most ``max_tiles`` tiles is used (a 4k × 6k image has ~6000; 400 already estimate each
+    shell to about 1 %).
+    """
+    f, h, w = stack.shape
+    step = box // 2
+    ys = np.arange((h - box) // step + 1) * step
+    xs = np.arange((w - box) // step + 1) * step
+    corners = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    if len(corners) > max_tiles:
+        corners = corners[np.unique(np.linspace(0, len(corners) - 1, max_tiles).astype(int))]
+    ar = np.arange(box)
+    iy = corners[:, 0, None, None] + ar[None, :, None]
+    ix = corners[:, 1, None, None] + ar[None, None, :]
+    out = np.empty((f, box // 2 + 1), np.float64)
+    for j in range(f):
+        img = np.asarray(stack[j], np.float32)
+        out[j] = np.asarray(_tile_power(jnp.asarray(img[iy, ix]), box))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("box",))
+def _dose_stack(pre_exposure, pixel_size, bfactor, box: int):
+    return jax.vmap(lambda n: imaging.dose_weights(box, pixel_size, n, bfactor))(pre_exposure)
 
 
 def prepare_tomogram_constants(
@@ -74,13 +118,12 @@ def prepare_tomogram_constants(
 ) -> dict:
     """The CC-stage constants of one tomogram (weights, dose, CTF parameters, references)."""
     box = config.box
-    f = ts.n_tilts
-    noise = np.stack([np.asarray(imaging.noise_power(np.asarray(stack[j], np.float32), box)) for j in range(f)])
-    dose = np.stack(
-        [
-            np.asarray(imaging.dose_weights(box, ts.pixel_size_ang, n, ts.bfactor_per_dose_ang2))
-            for n in ts.pre_exposure_e_per_ang2
-        ]
+    noise = noise_spectra(stack, box)
+    dose = np.asarray(
+        _dose_stack(
+            jnp.asarray(ts.pre_exposure_e_per_ang2, jnp.float32), jnp.float32(ts.pixel_size_ang),
+            jnp.float32(ts.bfactor_per_dose_ang2), box,
+        )
     )
     weights = ccmaps.frequency_weights(
         noise, envelope, dose, box=box, whiten=config.whiten, per_frame_noise=config.per_frame_noise,
@@ -207,9 +250,10 @@ def refine_tomogram(
     if config.coarse_shift or config.shift_only:
         u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
         t0 = time.perf_counter()
+        sub = np.unique(np.linspace(0, n - 1, min(n, config.coarse_particles)).astype(int))
         _, total = ccmaps.compute_cc_windows(
-            stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, half_width=1,
-            chunk=config.chunk, want_sum=True,
+            stack, u[sub], rot[sub], depth[sub], cdepth, particles.half_set[sub], vis[sub], const,
+            box=box, half_width=hw, chunk=config.chunk,
         )
         shifts = np.stack([_parabolic_peak(total[j]) for j in range(f)])
         shifts[~frame_ok] = 0.0
@@ -237,20 +281,23 @@ def refine_tomogram(
     free = tuple(free)
 
     n_outer = 1 if config.shift_only else max(config.outer, 1)
+    schedule = [float(b) for b in config.blur_px] or [0.0]
+    if schedule[-1] != 0.0:
+        schedule.append(0.0)
     cc_before = None
+    per_tilt_cc: list[float] = []
     for outer in range(n_outer):
         u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
-        blur = config.blur_px[min(outer, len(config.blur_px) - 1)] if config.blur_px else 0.0
         t0 = time.perf_counter()
-        cc, _ = ccmaps.compute_cc_windows(
+        cc_raw, _ = ccmaps.compute_cc_windows(
             stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, half_width=hw,
-            chunk=config.chunk, blur_px=blur,
+            chunk=config.chunk,
         )
         t_cc = time.perf_counter() - t0
         weight = vis.astype(np.float32)
         data = stage2.build_data(
-            p_cur, x_cur, u, cc, weight, tomo_size_px=ts.tomo_size_px, image_size_px=ts.image_size_px,
-            window_radius_px=config.r, n_pad=n_pad,
+            p_cur, x_cur, u, cc_raw, weight, tomo_size_px=ts.tomo_size_px,
+            image_size_px=ts.image_size_px, window_radius_px=config.r, n_pad=n_pad,
         )
         if motion_plugin is None and particles.trajectories_px is not None:
             data["offsets"] = jnp.asarray(
@@ -260,12 +307,34 @@ def refine_tomogram(
             data.update(pl.data(p_cur, x_cur))
         params = stage2.initial_params(f, n_pad)
         params.update(plugin_params)
+        cc_centre = cc_raw[:, :, hw, hw]
+        per_tilt_cc = [float(cc_centre[vis[:, j], j].mean()) if vis[:, j].any() else 0.0 for j in range(f)]
+        if cc_before is None:
+            cc_before = per_tilt_cc
+        # coarse-to-fine on the same CC maps (first pass only): the stage-2 parameters carry over
+        cc_pad = np.concatenate([cc_raw, np.zeros((n_pad - n,) + cc_raw.shape[1:], np.float32)], 0)
+        for blur in schedule if outer == 0 else [0.0]:
+            data["cc"] = jnp.asarray(ccmaps.blur_windows(cc_pad, blur) if blur > 0 else cc_pad)
 
-        def cb(it, cost, outer=outer):
-            if it < 10 or (it < 100 and it % 10 == 0) or it % 100 == 0:
-                report("iteration", outer=outer, iteration=it, cost=cost)
+            def cb(it, cost, outer=outer):
+                if it < 10 or (it < 100 and it % 10 == 0) or it % 100 == 0:
+                    report("iteration", outer=outer, iteration=it, cost=cost)
 
-        params, info = optimise.minimise(params, data, options, free_keys=free, max_iter=config.it, callback=cb)
+            params, info = optimise.minimise(
+                params, data, options, free_keys=free, max_iter=config.it, callback=cb
+            )
+            step = {
+                "outer": outer,
+                "blur_px": blur,
+                "cost_initial": info.cost_initial,
+                "cost_final": info.cost_final,
+                "iterations": info.iterations,
+                "converged": info.converged,
+                "cc_seconds": t_cc,
+                "lbfgs_seconds": info.seconds,
+            }
+            t_cc = 0.0
+            metrics["outer"].append(step)
         delta, dpos = stage2.results_from_params(params, data, options, n)
         p_new = delta @ p_cur
         x_new = x_cur + dpos if "positions" in free else x_cur
@@ -273,27 +342,14 @@ def refine_tomogram(
         u_new = current_geometry(p_new, x_new)[0]
         move = np.linalg.norm(u_new - u, axis=-1)
         vis_any = vis.any()
-        cc_centre = cc[:, :, hw, hw]
-        per_tilt_cc = [float(cc_centre[vis[:, j], j].mean()) if vis[:, j].any() else 0.0 for j in range(f)]
-        if cc_before is None:
-            cc_before = per_tilt_cc
-        step = {
-            "outer": outer,
-            "blur_px": blur,
-            "cost_initial": info.cost_initial,
-            "cost_final": info.cost_final,
-            "iterations": info.iterations,
-            "converged": info.converged,
-            "cc_seconds": t_cc,
-            "lbfgs_seconds": info.seconds,
-            "move_rms_px": float(np.sqrt(np.mean(move[vis] ** 2))) if vis_any else 0.0,
-            "move_max_px": float(move[vis].max()) if vis_any else 0.0,
-            "mean_cc": float(np.mean(cc_centre[vis])) if vis_any else 0.0,
-        }
-        metrics["outer"].append(step)
+        step.update(
+            move_rms_px=float(np.sqrt(np.mean(move[vis] ** 2))) if vis_any else 0.0,
+            move_max_px=float(move[vis].max()) if vis_any else 0.0,
+            mean_cc=float(np.mean(cc_centre[vis])) if vis_any else 0.0,
+        )
         report("outer", **step)
         p_cur, x_cur = p_new, x_new
-        if step["move_max_px"] < config.tol_px and blur == 0:
+        if step["move_rms_px"] < config.tol_rms_px and step["move_max_px"] < config.tol_max_px:
             break
 
     u_final = current_geometry(p_cur, x_cur)[0]
