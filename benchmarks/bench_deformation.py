@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_deformation.py [--work DIR] [--amplitude 2.5] [--grid 3]
         [--particles 60] [--image 384] [--step 4] [--models spline,Fourier] [--per_series]
+        [--fit_grid g] [--no_control] [--shrink 0.01]
 
 For a warped simulation (``SimulationConfig.deformation_amplitude_px``: a per-tilt spline) and an
 unwarped one (amplitude 0) it runs the alignment without a deformation model and with each
@@ -70,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/bench_deformation")
     ap.add_argument("--amplitude", type=float, default=2.5)
+    ap.add_argument("--no_control", action="store_true", help="skip the unwarped simulation")
+    ap.add_argument("--fit_grid", type=int, default=0, help="model grid (default: --grid)")
     ap.add_argument("--grid", type=int, default=3)
     ap.add_argument("--particles", type=int, default=60)
     ap.add_argument("--image", type=int, default=384)
@@ -88,7 +91,8 @@ def main() -> None:
 
     work = Path(args.work)
     rows = []
-    for amp in (args.amplitude, 0.0):
+    fit = args.fit_grid or args.grid
+    for amp in (args.amplitude,) if args.no_control else (args.amplitude, 0.0):
         sim = work / f"sim_a{amp:g}_g{args.grid}_n{args.particles}"
         cfg = SimulationConfig(
             n_tomograms=1,
@@ -104,13 +108,11 @@ def main() -> None:
         if not (sim / "optimisation_set.star").exists():
             simulate(cfg, sim)
         for model in ["none"] + args.models.split(","):
-            out = sim / "Polish" / f"{model}{'_series' if args.per_series else ''}"
+            out = sim / "Polish" / f"{model}{fit}{'_series' if args.per_series else ''}"
             dcfg = (
                 None
                 if model == "none"
-                else DeformationConfig(
-                    model, (args.grid, args.grid), per_tilt=not args.per_series, shrink=args.shrink
-                )
+                else DeformationConfig(model, (fit, fit), per_tilt=not args.per_series, shrink=args.shrink)
             )
             t0 = time.perf_counter()
             cwd = os.getcwd()

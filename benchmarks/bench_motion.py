@@ -3,12 +3,13 @@
 Usage::
 
     python benchmarks/bench_motion.py [--particles 100,600,2000] [--box 96] [--image 1024]
-        [--tilt_step 3] [--s_vel 0.5] [--s_div 1000] [--work DIR] [--threads1]
+        [--tilt_step 3] [--s_vel 0.5] [--s_div 1000] [--sim_s_vel V] [--work DIR] [--threads1]
 
 For every particle count it simulates one tomogram with GP motion (polish3d's simulator,
 default SNR, ``--s_vel/--s_div`` in RELION's units), then runs the real ``polish3d align``
 command in a fresh process (start-up and JIT compilation included) without and with
-``--motion`` (same ``--s_vel/--s_div``) and prints: whole-process seconds, the seconds of the
+``--motion`` (same ``--s_vel/--s_div``; ``--sim_s_vel 0`` simulates data without motion while
+aligning with ``--s_vel``) and prints: whole-process seconds, the seconds of the
 GP basis set-up, the CC stage and L-BFGS, the number of eigendeformations kept, the reprojection
 RMS against the truth (motion included, pixels) and the RMS of the refined trajectories (Å).
 The 1-minute load average before each run is printed too (the machine may be shared).
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--tilt_step", type=float, default=3.0)
     ap.add_argument("--s_vel", type=float, default=0.5)
     ap.add_argument("--s_div", type=float, default=1000.0)
+    ap.add_argument("--sim_s_vel", type=float, default=None, help="simulated s_vel (default --s_vel)")
     ap.add_argument("--work", default="bench_work")
     ap.add_argument("--threads1", action="store_true", help="OPENBLAS_NUM_THREADS=1 in the children")
     args = ap.parse_args()
@@ -109,8 +111,9 @@ def main() -> None:
             "rms_px", "traj_rms_A", "load"]
     print(" ".join(f"{c:>10}" for c in cols), flush=True)
     for n in [int(v) for v in args.particles.split(",")]:
-        sim = work / f"sim_motion_n{n}_b{args.box}_i{args.image}"
-        _simulate(sim, n, args.box, args.image, args.tilt_step, args.s_vel, args.s_div)
+        sim_s_vel = args.s_vel if args.sim_s_vel is None else args.sim_s_vel
+        sim = work / f"sim_motion_n{n}_b{args.box}_i{args.image}_v{sim_s_vel:g}_d{args.s_div:g}"
+        _simulate(sim, n, args.box, args.image, args.tilt_step, sim_s_vel, args.s_div)
         for motion in (False, True):
             r = {"particles": n, **run_one(sim, args.box, motion, args.s_vel, args.s_div, args.threads1)}
             print(" ".join(f"{r[c]:>10.3f}" if isinstance(r[c], float) else f"{r[c]:>10}" for c in cols),

@@ -199,12 +199,13 @@ def plot_trajectories(
         if f > 1 and n:
             seg = np.stack([pts[:, :-1][..., [i, j]], pts[:, 1:][..., [i, j]]], axis=2).reshape(-1, 2, 2)
             colours = cmap(np.tile(np.arange(f - 1), n) / max(f - 2, 1))
-            ax.add_collection(LineCollection(seg, colors=colours, linewidths=0.6))
-        ax.plot(pts[:, 0, i], pts[:, 0, j], "k.", markersize=2)
+            ax.add_collection(LineCollection(seg, colors=colours, linewidths=1.0))
+        ax.plot(pts[:, 0, i], pts[:, 0, j], "k.", markersize=1.5)
         ax.set_xlabel("XYZ"[i] + " (px)")
         ax.set_ylabel("XYZ"[j] + " (px)")
         ax.set_title(f"{lab} (displacements ×{scale:g})")
-        ax.set_aspect("equal", adjustable="datalim")
+        if lab == "XY":
+            ax.set_aspect("equal", adjustable="datalim")
         ax.autoscale_view()
     fig.suptitle(f"{title}: {n} particles, {f} tilts; trajectory RMS {rms:.3f} px (colour: dose rank)")
     fig.tight_layout()

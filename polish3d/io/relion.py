@@ -642,6 +642,40 @@ class TomogramSet:
 
     # -- writing ----------------------------------------------------------------------------
 
+    def _rebased_tilt_table(self, name: str, table: pd.DataFrame, project_dir) -> pd.DataFrame:
+        """The per-tilt table with image paths valid from ``project_dir`` (default: the cwd).
+
+        Image paths are normally already relative to the project folder and stay as they are;
+        only paths that were found through the fallback (next to the STAR file) are rewritten.
+        """
+        if "rlnMicrographName" not in table.columns:
+            return table
+        base = Path(project_dir) if project_dir is not None else Path.cwd()
+        referrer = self.tilt_files.get(name, self.source)
+        cells = []
+        changed = False
+        for cell in table["rlnMicrographName"].tolist():
+            try:
+                path_text, index = _split_image_name(cell)
+            except ValueError:
+                cells.append(cell)
+                continue
+            if Path(path_text).is_absolute() or (base / path_text).exists():
+                cells.append(cell)
+                continue
+            found = _resolve(path_text, self.project_dir, referrer)
+            if not found.exists():
+                cells.append(cell)
+                continue
+            prefix = f"{index + 1}@" if "@" in str(cell) else ""
+            cells.append(prefix + _relative_to(found, base))
+            changed = True
+        if not changed:
+            return table
+        out = table.copy()
+        out["rlnMicrographName"] = pd.Series(cells, index=out.index, dtype=object)
+        return out
+
     def write(self, out_dir, *, project_dir=None) -> Path:
         """Write ``<out_dir>/tomograms.star`` and every per-tilt table, RELION 5 layout.
 
@@ -665,7 +699,7 @@ class TomogramSet:
             if new in used:
                 new = out_dir / "tilt_series" / f"{name}.star"
             used[new] = name
-            write_star(new, {name: tilt_tables[name]})
+            write_star(new, {name: self._rebased_tilt_table(name, tilt_tables[name], project_dir)})
             entries.append(_relative_to(new, project_dir))
         g["rlnTomoTiltSeriesStarFile"] = pd.Series(entries, index=g.index, dtype=object)
         blocks: dict = {"global": g}

@@ -44,6 +44,8 @@ class AlignConfig:
         blur_px: polish3d: coarse-to-fine schedule of Gaussian low-passes (px) applied to the
             first CC maps, one L-BFGS run each (ends with 0): widens the capture range.
         coarse_particles: polish3d: particles used by the per-tilt shift search.
+        coarse_min_z: polish3d: a tilt's searched shift is applied only if the peak of its summed
+            CC stands this many robust standard deviations above the map's median.
         coarse_shift: polish3d: start with a per-tilt shift search over the whole box (capture
             range ± s/2 instead of ± r).
         chunk: particles per CC-stage call (memory bound).
@@ -70,6 +72,7 @@ class AlignConfig:
     outer: int = 3
     blur_px: tuple[float, ...] = (3.0, 1.0, 0.0)
     coarse_particles: int = 128
+    coarse_min_z: float = 6.0
     coarse_shift: bool = True
     chunk: int = 16
     tol_rms_px: float = 0.05
@@ -256,6 +259,14 @@ def refine_tomogram(
             box=box, half_width=hw, chunk=config.chunk,
         )
         shifts = np.stack([_parabolic_peak(total[j]) for j in range(f)])
+        # accept a tilt's shift only where the summed CC has a clear peak (robust z-score)
+        flat = total.reshape(f, -1)
+        med = np.median(flat, axis=1)
+        mad = 1.4826 * np.median(np.abs(flat - med[:, None]), axis=1)
+        z = (flat.max(axis=1) - med) / np.maximum(mad, 1e-30)
+        weak = z < config.coarse_min_z
+        shifts[weak] = 0.0
+        metrics["coarse_rejected_tilts"] = np.flatnonzero(weak).tolist()
         shifts[~frame_ok] = 0.0
         if config.const_s:
             shifts[:] = 0.0
