@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0])
     small = "--small" in argv or os.environ.get("POLISH3D_EXAMPLE_SMALL") == "1"
     project = out / "project"
-    polish3d = [sys.executable, "-c", "import sys; from polish3d.cli import main; sys.argv[0]='polish3d'; main()"]
+    entry = "import sys; from polish3d.cli import main; sys.argv[0] = 'polish3d'; main()"
+    polish3d = [sys.executable, "-c", entry]
 
     from polish3d.simulate import SimulationConfig, simulate
 
