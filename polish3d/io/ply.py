@@ -203,7 +203,7 @@ def plot_trajectories(
         ax.plot(pts[:, 0, i], pts[:, 0, j], "k.", markersize=1.5)
         ax.set_xlabel("XYZ"[i] + " (px)")
         ax.set_ylabel("XYZ"[j] + " (px)")
-        ax.set_title(f"{lab} (displacements ×{scale:g})")
+        ax.set_title(f"{lab} (displacements ×{scale:g}" + (")" if lab == "XY" else "; axes not to scale)"))
         if lab == "XY":
             ax.set_aspect("equal", adjustable="datalim")
         ax.autoscale_view()

@@ -152,6 +152,27 @@ def prepare_tomogram_constants(
     }
 
 
+def coarse_box(box: int, r: float) -> int:
+    """Box of the per-tilt shift search: at least ``4·r`` so shifts up to ~``2r`` are captured."""
+    need = int(math.ceil(4.0 * r))
+    return max(box, need + need % 2)
+
+
+def _padded_problem(refs_ft, envelope: np.ndarray, box: int, cbox: int):
+    """The prepared half maps and the envelope of box ``box`` carried over to a larger box."""
+    cp = imaging.centre_phase_3d(box)
+    vols = jnp.fft.irfftn(refs_ft * np.conj(cp), s=(box, box, box), norm="ortho")
+    lo = (cbox - box) // 2
+    inner = (slice(None),) + (slice(lo, lo + box),) * 3
+    padded = jnp.zeros((2, cbox, cbox, cbox), vols.dtype).at[inner].set(vols)
+    refs_c = jnp.fft.rfftn(padded, axes=(1, 2, 3), norm="ortho") * imaging.centre_phase_3d(cbox)
+    profile = np.asarray(envelope)[0]  # along kx: radius 0..box/2
+    radii = np.arange(cbox // 2 + 1) * box / cbox
+    prof_c = np.interp(radii, np.arange(profile.size), profile, right=0.0)
+    env_c = np.asarray(imaging.radial_expand(prof_c.astype(np.float32), cbox))
+    return refs_c.astype(jnp.complex64), env_c
+
+
 def _visible(u: np.ndarray, image_size_px, box: int) -> np.ndarray:
     w, h = image_size_px
     half = box / 2.0
@@ -254,9 +275,17 @@ def refine_tomogram(
         u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
         t0 = time.perf_counter()
         sub = np.unique(np.linspace(0, n - 1, min(n, config.coarse_particles)).astype(int))
+        cbox = coarse_box(box, config.r)
+        if cbox == box:
+            const_c = const
+        else:
+            refs_c, env_c = _padded_problem(refs_ft, envelope, box, cbox)
+            const_c = prepare_tomogram_constants(
+                ts, stack, refs_c, env_c, dataclasses.replace(config, box=cbox)
+            )
         _, total = ccmaps.compute_cc_windows(
-            stack, u[sub], rot[sub], depth[sub], cdepth, particles.half_set[sub], vis[sub], const,
-            box=box, half_width=hw, chunk=config.chunk,
+            stack, u[sub], rot[sub], depth[sub], cdepth, particles.half_set[sub], vis[sub], const_c,
+            box=cbox, half_width=hw, chunk=config.chunk,
         )
         shifts = np.stack([_parabolic_peak(total[j]) for j in range(f)])
         # accept a tilt's shift only where the summed CC has a clear peak (robust z-score)
