@@ -642,11 +642,13 @@ def _deformation_config(o: dict):
     model = o.get("def_model", "spline")
     if model not in ("linear", "spline", "Fourier"):
         raise InputError(f"--def_model {model}: expected linear, spline or Fourier (case-sensitive)")
+    from polish3d.refine.deformation import DeformationConfig
+
     try:
-        from polish3d.refine.deformation import DeformationConfig
-    except ImportError:
-        raise InputError("--deformation: not yet available in this version of polish3d") from None
-    return DeformationConfig(
-        model=model, grid=(int(o.get("def_w", 3)), int(o.get("def_h", 3))),
-        reg=float(o.get("def_reg", 0.0)), per_tilt=bool(o.get("per_frame_deformation")),
-    )
+        return DeformationConfig(
+            model=model, grid=(int(o.get("def_w", 3)), int(o.get("def_h", 3))),
+            reg=float(o.get("def_reg", 0.0)), per_tilt=bool(o.get("per_frame_deformation")),
+            shrink=float(o.get("def_shrink", 0.01)),
+        )
+    except ValueError as exc:
+        raise InputError(f"--def_model/--def_w/--def_h: {exc}") from None

@@ -124,6 +124,10 @@ def align_cmd(
     per_frame_deformation: Annotated[
         bool, Opt("--per_frame_deformation", help="One deformation per tilt.")
     ] = False,
+    def_shrink: Annotated[
+        float,
+        Opt("--def_shrink", help="polish3d: shrinkage of the deformation update at the particles (0: off)."),
+    ] = 0.01,
     pad: Annotated[int, Opt("--pad", help="Fourier padding factor of the CC maps.")] = 1,
     no_whiten: Annotated[bool, Opt("--no_whiten", help="Do not whiten (weights 1).")] = False,
     whiten_abs: Annotated[bool, Opt("--whiten_abs", help="(RELION: no effect) ignored.")] = False,
