@@ -301,3 +301,38 @@ def test_no_motion_stays_near_zero():
     # near zero (the rest is an almost invisible component left by the float32 L-BFGS stop)
     assert np.sqrt(np.mean(np.sum(t_new**2, -1))) < 0.15
     assert err_on < err_off + 0.02
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: polish3d align --motion on a tiny simulated set with GP motion
+
+
+def test_align_with_motion_writes_trajectories(tmp_path):
+    import plyfile
+
+    from polish3d.align import AlignInputs, align
+    from polish3d.io import relion
+    from polish3d.simulate import SimulationConfig, simulate
+
+    cfg = SimulationConfig(
+        n_tomograms=1, n_particles=8, n_unlisted=0, tilt_min_deg=-30.0, tilt_max_deg=30.0,
+        tilt_step_deg=10.0, pixel_size_ang=12.0, box_px=32, image_size_px=(128, 128),
+        tomo_thickness_px=40, particle_diameter_ang=180.0, s_vel=2.0, s_div=200.0, seed=5,
+    )
+    sim = simulate(cfg, tmp_path / "sim")
+    out = tmp_path / "out"
+    res = align(AlignInputs(i=str(sim.optimisation_set)), out,
+                AlignConfig(box=32, r=6, outer=1, blur_px=(0.0,)),
+                motion=motion.MotionConfig(s_vel=2.0, s_div=200.0))
+    r = res.results["TS_01"]
+    ts = sim.tilt_series[0]
+    assert r.trajectories_px.shape == (8, ts.n_tilts, 3)
+    j0 = geometry.dose_order(ts.pre_exposure_e_per_ang2)[0]
+    assert np.allclose(r.trajectories_px[:, j0], 0)
+    assert "motion" in r.metrics
+    traj = relion.read_trajectories(out / "motion.star")
+    assert len(traj) == 8
+    for s in (1, 8):
+        mesh = plyfile.PlyData.read(str(out / "Trajectories" / f"TS_01_x{s}.ply"))
+        assert mesh["vertex"].count == 8 * (ts.n_tilts - 1) * 14
+    assert (out / "plots" / "TS_01_motion.png").stat().st_size > 0

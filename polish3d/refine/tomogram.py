@@ -49,6 +49,11 @@ class AlignConfig:
         coarse_shift: polish3d: start with a per-tilt shift search over the whole box (capture
             range ± s/2 instead of ± r).
         chunk: particles per CC-stage call (memory bound).
+        full_recompute: polish3d: recompute every particle's CC windows in every outer
+            iteration (else only particles whose predicted position moved more than
+            ``recompute_px`` from its window centre in some tilt, or became visible).
+        recompute_px: see ``full_recompute`` (pixels; negative: ``0.6 · r``, a drift after which
+            the peak may have left the window's comfortable range).
         tol_rms_px, tol_max_px: stop the outer iterations once the projected positions move less
             than this (RMS and maximum over particles × tilts, pixels) in one outer iteration.
     """
@@ -75,6 +80,8 @@ class AlignConfig:
     coarse_min_z: float = 6.0
     coarse_shift: bool = True
     chunk: int = 16
+    full_recompute: bool = False
+    recompute_px: float = -1.0
     tol_rms_px: float = 0.05
     tol_max_px: float = 1.0
 
@@ -326,17 +333,38 @@ def refine_tomogram(
         schedule.append(0.0)
     cc_before = None
     per_tilt_cc: list[float] = []
+    prev = None  # (windows, their centres, their visibility) of the previous pass
     for outer in range(n_outer):
         u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
         t0 = time.perf_counter()
-        cc_raw, _ = ccmaps.compute_cc_windows(
-            stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, half_width=hw,
-            chunk=config.chunk,
+        if prev is None or config.full_recompute:
+            redo = np.ones(n, bool)
+            cc_raw, u0, vis0 = None, u, vis
+        else:
+            # recompute the windows of particles that moved towards their window's edge (or
+            # became visible); the others keep theirs: their peaks are well inside
+            cc_raw, u0, vis0 = (a.copy() for a in prev)
+            drift = np.where(vis0, np.linalg.norm(u - u0, axis=-1), 0.0).max(axis=1)
+            limit = config.recompute_px if config.recompute_px >= 0 else 0.6 * config.r
+            redo = (drift > limit) | (vis & ~vis0).any(axis=1)
+            if not redo.any():
+                break
+            u0[redo], vis0[redo] = u[redo], vis[redo]
+        idx = np.flatnonzero(redo)
+        new_cc, _ = ccmaps.compute_cc_windows(
+            stack, u[idx], rot[idx], depth[idx], cdepth, particles.half_set[idx], vis[idx], const,
+            box=box, half_width=hw, chunk=config.chunk,
         )
+        if cc_raw is None:
+            cc_raw = new_cc
+        else:
+            cc_raw[idx] = new_cc
+        prev = (cc_raw, u0, vis0)
         t_cc = time.perf_counter() - t0
+        vis = vis0
         weight = vis.astype(np.float32)
         data = stage2.build_data(
-            p_cur, x_cur, u, cc_raw, weight, tomo_size_px=ts.tomo_size_px,
+            p_cur, x_cur, u0, cc_raw, weight, tomo_size_px=ts.tomo_size_px,
             image_size_px=ts.image_size_px, window_radius_px=config.r, n_pad=n_pad,
         )
         if motion_plugin is None and particles.trajectories_px is not None:
@@ -365,6 +393,7 @@ def refine_tomogram(
             )
             step = {
                 "outer": outer,
+                "recomputed_particles": int(redo.sum()),
                 "blur_px": blur,
                 "cost_initial": info.cost_initial,
                 "cost_final": info.cost_final,
