@@ -18,7 +18,7 @@ import mrcfile.utils
 import numpy as np
 
 from polish3d.errors import InputError
-from polish3d.io.star import read_star
+from polish3d.io.star import publish, read_star
 
 __all__ = ["image_size", "open_stack", "read_fsc", "read_map", "write_map", "write_stack"]
 
@@ -125,7 +125,7 @@ def _atomic_mrc(path, array: np.ndarray, voxel_size_ang: float, stack: bool) -> 
                 m.set_volume()
             m.voxel_size = float(voxel_size_ang)
             m.update_header_stats()
-        os.replace(tmp, p)
+        publish(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

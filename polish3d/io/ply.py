@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polish3d.io.star import atomic_write_text
+from polish3d.io.star import atomic_write_text, publish
 
 __all__ = [
     "SIDES", "plot_trajectories", "ply_text", "trajectory_mesh", "write_ply", "write_trajectory_meshes",
@@ -215,7 +215,7 @@ def plot_trajectories(
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
-        os.replace(tmp, p)
+        publish(tmp, p)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

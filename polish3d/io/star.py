@@ -195,6 +195,22 @@ def _block_text(name: str, block) -> str:
     return "\n".join(out) + "\n"
 
 
+def _umask_mode() -> int:
+    """``0o666`` less the process umask: the mode a plain ``open(path, "w")`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp, path) -> None:
+    """Give a finished temporary file the usual permissions and rename it onto ``path``.
+
+    (``tempfile.mkstemp`` creates files readable by the owner only.)
+    """
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     p = Path(path)
@@ -203,7 +219,7 @@ def atomic_write_text(path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
-        os.replace(tmp, p)
+        publish(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

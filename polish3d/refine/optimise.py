@@ -20,7 +20,7 @@ import numpy as np
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
-from polish3d.refine.objective import total_cost
+from polish3d.refine.objective import pair_values, total_cost
 
 __all__ = ["StageOptions", "minimise", "value_and_grad"]
 
@@ -52,6 +52,11 @@ def _split_cost(free: dict, fixed: dict, data: dict, options: StageOptions):
 def value_and_grad(free: dict, fixed: dict, data: dict, options: StageOptions):
     """Cost and gradient w.r.t. the free parameters (jitted once per shape bucket)."""
     return jax.value_and_grad(_split_cost)(free, fixed, data, options)
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _pair_values(params: dict, data: dict, options: StageOptions):
+    return pair_values(params, data, options)
 
 
 @dataclasses.dataclass
@@ -90,11 +95,16 @@ def minimise(
         the optimised parameters and a :class:`MinimiseInfo`.
     """
     t0 = time.perf_counter()
+    # data-term baseline: CC values at the start (precision of the float32 cost, see objective)
+    base = _pair_values({k: jnp.asarray(v) for k, v in params.items()}, data, options)
+    data = {**data, "cc_base": base}
+    offset = -float(np.sum(np.asarray(data["weight"], np.float64) * np.asarray(base, np.float64)))
     free = {k: jnp.asarray(params[k]) for k in free_keys}
     fixed = {k: jnp.asarray(v) for k, v in params.items() if k not in free_keys}
     if not free:
         c, _ = value_and_grad({}, fixed, data, options)
-        return params, MinimiseInfo(float(c), float(c), 0, 1, True, "nothing to optimise", 0.0)
+        c = float(c) + offset
+        return params, MinimiseInfo(c, c, 0, 1, True, "nothing to optimise", 0.0)
     flat0, unravel = ravel_pytree(free)
     dtype = flat0.dtype
     counter = {"n": 0, "it": 0}
@@ -114,7 +124,7 @@ def minimise(
 
     def cb(intermediate_result):
         counter["it"] += 1
-        last["cost"] = float(intermediate_result.fun)
+        last["cost"] = float(intermediate_result.fun) + offset
         if callback is not None:
             callback(counter["it"], last["cost"])
 
@@ -129,8 +139,8 @@ def minimise(
     out = dict(params)
     out.update(unravel(jnp.asarray(res.x, dtype)))
     info = MinimiseInfo(
-        cost_initial=float(c0),
-        cost_final=float(res.fun),
+        cost_initial=float(c0) + offset,
+        cost_final=float(res.fun) + offset,
         iterations=int(res.nit),
         evaluations=counter["n"],
         converged=bool(res.success),

@@ -71,6 +71,7 @@ def build_data(
         "weight": jnp.asarray(padn(np.asarray(weight, np.float32))),
         "particle_mask": jnp.asarray(mask),
         "offsets": jnp.zeros((n_pad, p.shape[0], 3), jnp.float32),
+        "cc_base": jnp.zeros((n_pad, p.shape[0]), jnp.float32),
         "window_radius": jnp.float32(window_radius_px),
         "angle_unit_rad": jnp.float32(1.0 / radius),
     }
