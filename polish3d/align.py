@@ -103,6 +103,24 @@ class _StackView:
         return out
 
 
+def _fsc_envelope_jit(spectral_index, fsc, **static):
+    """``imaging.fsc_envelope`` compiled once (its eager form dispatches ~100 small ops)."""
+    import jax
+
+    from polish3d import imaging
+
+    global _FSC_JIT
+    if _FSC_JIT is None:
+        _FSC_JIT = jax.jit(
+            imaging.fsc_envelope,
+            static_argnames=("box", "ref_box", "pixel_size_ang", "freq_cutoff_ang", "width", "use_snr"),
+        )
+    return _FSC_JIT(np.asarray(spectral_index), np.asarray(fsc, np.float32), **static)
+
+
+_FSC_JIT = None
+
+
 def fsc_from_half_maps(half1: np.ndarray, half2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """FSC per integer shell of two half maps (used when no ``--fsc`` table is given).
 
@@ -313,6 +331,7 @@ def align(
         log.info("  particle positions %s", "constant" if config.const_p or config.shift_only else "variable")
         results: dict[str, TomogramResult] = {}
         skipped: list[str] = []
+        envelopes: dict[float, np.ndarray] = {}
         for k, name in enumerate(names):
             ts = tset.tilt_series(name)
             if ref_px is not None and abs(ref_px - ts.pixel_size_ang) > 0.01 * ts.pixel_size_ang:
@@ -336,12 +355,16 @@ def align(
             stack = _StackView(ts.image_files)
             if stack.shape[0] != ts.n_tilts:
                 raise InputError(f"{name}: {stack.shape[0]} images for {ts.n_tilts} tilts")
-            envelope = np.asarray(
-                imaging.fsc_envelope(
-                    idx, fsc, box, box, ts.pixel_size_ang, freq_cutoff_ang=freq_cutoff_ang,
-                    width=fsc_thresh_width, use_snr=use_snr_weight,
+            key = round(ts.pixel_size_ang, 6)
+            if key not in envelopes:  # once per pixel size, not per tomogram
+                envelopes[key] = np.asarray(
+                    _fsc_envelope_jit(
+                        idx, fsc, box=box, ref_box=box, pixel_size_ang=float(ts.pixel_size_ang),
+                        freq_cutoff_ang=float(freq_cutoff_ang), width=float(fsc_thresh_width),
+                        use_snr=bool(use_snr_weight),
+                    )
                 )
-            )
+            envelope = envelopes[key]
             res = tomo_refine.refine_tomogram(
                 ts, parts, stack, refs_ft, envelope, config, motion=motion, deformation=deformation,
                 progress=_progress_printer(name),

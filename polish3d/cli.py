@@ -48,6 +48,28 @@ def _root(
     )
     # JAX looks for a TPU and says so at WARNING level on every CPU/GPU machine
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    _enable_compilation_cache()
+
+
+def _enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk so later runs skip most of the JIT compilation.
+
+    ``POLISH3D_JAX_CACHE`` names the folder (default ``~/.cache/polish3d/jax``); ``off`` disables.
+    """
+    import os
+    from pathlib import Path
+
+    where = os.environ.get("POLISH3D_JAX_CACHE", str(Path.home() / ".cache" / "polish3d" / "jax"))
+    if not where or where.lower() == "off":
+        return
+    try:
+        import jax
+
+        Path(where).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    except Exception:  # pragma: no cover - a cache is an optimisation, never a failure
+        logging.getLogger("polish3d").debug("no JAX compilation cache at %s", where)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,11 +101,27 @@ def gather_boxes(stack, positions_px: np.ndarray, box: int) -> np.ndarray:
     """
     f, h, w = stack.shape
     corner = np.floor(positions_px + 0.5).astype(np.int64) - box // 2
+    n = corner.shape[0]
+    out = np.empty((n, f, box, box), np.float32)
+    inside = (
+        (corner[..., 0] >= 0) & (corner[..., 1] >= 0)
+        & (corner[..., 0] + box <= w) & (corner[..., 1] + box <= h)
+    )
     ar = np.arange(box)
-    ix = np.clip(corner[..., 0, None] + ar, 0, w - 1)  # (n, F, s)
-    iy = np.clip(corner[..., 1, None] + ar, 0, h - 1)
-    fi = np.arange(f)[None, :, None, None]
-    return np.asarray(stack[fi, iy[..., :, None], ix[..., None, :]], dtype=np.float32)
+    for j in range(f):
+        img = np.asarray(stack[j], dtype=np.float32) if not isinstance(stack, np.ndarray) else stack[j]
+        ok = inside[:, j]
+        if ok.any():
+            # whole boxes: strided block copies from a sliding-window view (fast)
+            view = np.lib.stride_tricks.sliding_window_view(img, (box, box))
+            out[ok, j] = view[corner[ok, j, 1], corner[ok, j, 0]]
+        if (~ok).any():
+            # boxes touching the border: clamped indices (edge replication, RELION)
+            c = corner[~ok, j]
+            iy = np.clip(c[:, 1, None] + ar, 0, h - 1)
+            ix = np.clip(c[:, 0, None] + ar, 0, w - 1)
+            out[~ok, j] = img[iy[:, :, None], ix[:, None, :]]
+    return out
 
 
 def observe_windows(windows: jax.Array, frac_px: jax.Array) -> jax.Array:
@@ -130,7 +146,7 @@ class CCInputs(dict):
     """
 
 
-def blur_windows(windows: np.ndarray, sigma_px: float) -> np.ndarray:
+def blur_windows(windows, sigma_px: float) -> jax.Array:
     """Gaussian low-pass (standard deviation ``sigma_px``) of CC windows ``(..., D, D)``.
 
     Equivalent to multiplying the CC spectrum by ``exp(−2π²σ²|k|²/s²)`` away from the window
@@ -141,7 +157,7 @@ def blur_windows(windows: np.ndarray, sigma_px: float) -> np.ndarray:
     x = np.arange(d, dtype=np.float64)
     g = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma_px) ** 2)
     g /= np.sqrt(2 * np.pi) * sigma_px
-    return np.asarray(_blur(jnp.asarray(windows, jnp.float32), jnp.asarray(g, jnp.float32)))
+    return _blur(jnp.asarray(windows, jnp.float32), jnp.asarray(g, jnp.float32))
 
 
 @jax.jit
@@ -153,8 +169,8 @@ def _window_indices(box: int, half_width: int) -> np.ndarray:
     return np.mod(np.arange(-half_width, half_width + 1), box)
 
 
-@functools.partial(jax.jit, static_argnames=("half_width",))
-def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, const, half_width):
+@functools.partial(jax.jit, static_argnames=("half_width", "want_sum"))
+def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, const, half_width, want_sum):
     """CC windows for a chunk of one half set ``half`` (1 or 2): ``(n, F, s, s)`` → ``(n, F, D, D)``."""
     box = windows.shape[-1]
     y = observe_windows(windows, frac)  # (n, F, s, sh)
@@ -180,12 +196,12 @@ def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, cons
         const["ctf_scale"],
     )
     s = s * (const["dose"][None] / np.sqrt(box))
-    g = -(const["weights"] * blur)[None] * y * jnp.conj(s)
-    cc = jnp.fft.irfft2(g, s=(box, box)) * float(box * box)
-    cc = cc * vis[..., None, None]
+    g = (-float(box * box) * vis[..., None, None]) * (const["weights"] * blur)[None] * y * jnp.conj(s)
+    cc = jnp.fft.irfft2(g, s=(box, box))
     idx = _window_indices(box, half_width)
     win = cc[..., idx[:, None], idx[None, :]]
-    return win, jnp.sum(cc, axis=0)
+    # the per-tilt sum (shift search) doubles the cost of the inverse FFT stage: only on demand
+    return win, (jnp.sum(cc, axis=0) if want_sum else None)
 
 
 def compute_cc_windows(
@@ -202,6 +218,7 @@ def compute_cc_windows(
     half_width: int,
     chunk: int = 16,
     blur_px: float = 0.0,
+    want_sum: bool = False,
 ):
     """CC windows of all particles of a tomogram.
 
@@ -219,8 +236,8 @@ def compute_cc_windows(
         chunk: particles per jitted call (memory bound).
         blur_px: Gaussian low-pass of the CC maps (standard deviation in pixels; 0: none).
             Widens the basin of each peak for the first, coarse outer iterations.
-        (also returned: the visibility-weighted sum over particles of the full CC maps
-        ``(F, s, s)``, zero displacement at index 0, periodic: the per-tilt shift search.)
+        want_sum: also return the visibility-weighted sum over particles of the full CC maps
+            ``(F, s, s)`` (zero displacement at index 0, periodic): the per-tilt shift search.
 
     Returns:
         ``(N, F, D, D)`` float32 windows and the sum (or ``None``).
@@ -229,7 +246,7 @@ def compute_cc_windows(
     rad = radius_2d(box)
     blur = np.exp(-2.0 * (np.pi * blur_px * rad / box) ** 2).astype(np.float32)
     out = np.zeros((n, f, 2 * half_width + 1, 2 * half_width + 1), np.float32)
-    total = np.zeros((f, box, box), np.float64)
+    total = np.zeros((f, box, box), np.float64) if want_sum else None
     half_set = np.asarray(half_set)
     for h in (1, 2):
         members = np.flatnonzero(half_set == h) if h == 2 else np.flatnonzero(half_set != 2)
@@ -252,8 +269,9 @@ def compute_cc_windows(
                 jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
                 jnp.asarray(padded(cam_rot[sel]), jnp.float32),
                 jnp.asarray(padded(depth[sel]), jnp.float32), jnp.asarray(centre_depth, jnp.float32),
-                jnp.int32(h), jnp.asarray(vis), jnp.asarray(blur), const, half_width,
+                jnp.int32(h), jnp.asarray(vis), jnp.asarray(blur), const, half_width, want_sum,
             )
             out[sel] = np.asarray(w)[:m]
-            total += np.asarray(t, np.float64)
+            if want_sum:
+                total += np.asarray(t, np.float64)
     return out, total

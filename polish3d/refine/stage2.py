@@ -50,11 +50,13 @@ def build_data(
         n_pad: padded particle count (default: no padding).
     """
     n = positions_px.shape[0]
-    n_pad = n if n_pad is None else max(n_pad, n)
+    n_pad = n if n_pad is None else max(n_pad, n)  # (cc may already come padded to n_pad)
     pad = n_pad - n
 
     def padn(a):
-        return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)], 0) if pad else a
+        if not pad or a.shape[0] == n_pad:
+            return a
+        return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)], 0)
 
     p = np.asarray(projections, np.float64)
     c = geometry.tomogram_centre_px(tomo_size_px)

@@ -48,7 +48,8 @@ class AlignConfig:
             CC stands this many robust standard deviations above the map's median.
         coarse_shift: polish3d: start with a per-tilt shift search over the whole box (capture
             range ± s/2 instead of ± r).
-        chunk: particles per CC-stage call (memory bound).
+        chunk: particles per CC-stage call (memory bound); 0: automatic (8 on a CPU, where
+            small batches stay in cache, 64 on an accelerator).
         full_recompute: polish3d: recompute every particle's CC windows in every outer
             iteration (else only particles whose predicted position moved more than
             ``recompute_px`` from its window centre in some tilt, or became visible).
@@ -79,7 +80,7 @@ class AlignConfig:
     coarse_particles: int = 128
     coarse_min_z: float = 6.0
     coarse_shift: bool = True
-    chunk: int = 16
+    chunk: int = 0
     full_recompute: bool = False
     recompute_px: float = -1.0
     tol_rms_px: float = 0.05
@@ -108,13 +109,11 @@ def noise_spectra(stack, box: int, max_tiles: int = 400) -> np.ndarray:
     corners = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
     if len(corners) > max_tiles:
         corners = corners[np.unique(np.linspace(0, len(corners) - 1, max_tiles).astype(int))]
-    ar = np.arange(box)
-    iy = corners[:, 0, None, None] + ar[None, :, None]
-    ix = corners[:, 1, None, None] + ar[None, None, :]
     out = np.empty((f, box // 2 + 1), np.float64)
     for j in range(f):
         img = np.asarray(stack[j], np.float32)
-        out[j] = np.asarray(_tile_power(jnp.asarray(img[iy, ix]), box))
+        tiles = np.lib.stride_tricks.sliding_window_view(img, (box, box))[corners[:, 0], corners[:, 1]]
+        out[j] = np.asarray(_tile_power(jnp.asarray(tiles), box))
     return out
 
 
@@ -246,6 +245,7 @@ def refine_tomogram(
     frame_ok = (rank >= config.min_frame) & (rank <= kmax)
 
     const = prepare_tomogram_constants(ts, stack, refs_ft, envelope, config)
+    chunk = config.chunk if config.chunk > 0 else (8 if jax.default_backend() == "cpu" else 64)
     p_cur = np.asarray(ts.projections, np.float64).copy()
     x_cur = np.asarray(particles.positions_px, np.float64).copy()
     centre = geometry.tomogram_centre_px(ts.tomo_size_px)
@@ -292,7 +292,7 @@ def refine_tomogram(
             )
         _, total = ccmaps.compute_cc_windows(
             stack, u[sub], rot[sub], depth[sub], cdepth, particles.half_set[sub], vis[sub], const_c,
-            box=cbox, half_width=hw, chunk=config.chunk,
+            box=cbox, half_width=hw, chunk=chunk, want_sum=True,
         )
         shifts = np.stack([_parabolic_peak(total[j]) for j in range(f)])
         # accept a tilt's shift only where the summed CC has a clear peak (robust z-score)
@@ -353,7 +353,7 @@ def refine_tomogram(
         idx = np.flatnonzero(redo)
         new_cc, _ = ccmaps.compute_cc_windows(
             stack, u[idx], rot[idx], depth[idx], cdepth, particles.half_set[idx], vis[idx], const,
-            box=box, half_width=hw, chunk=config.chunk,
+            box=box, half_width=hw, chunk=chunk,
         )
         if cc_raw is None:
             cc_raw = new_cc
@@ -363,8 +363,9 @@ def refine_tomogram(
         t_cc = time.perf_counter() - t0
         vis = vis0
         weight = vis.astype(np.float32)
+        cc_pad = np.concatenate([cc_raw, np.zeros((n_pad - n,) + cc_raw.shape[1:], np.float32)], 0)
         data = stage2.build_data(
-            p_cur, x_cur, u0, cc_raw, weight, tomo_size_px=ts.tomo_size_px,
+            p_cur, x_cur, u0, cc_pad, weight, tomo_size_px=ts.tomo_size_px,
             image_size_px=ts.image_size_px, window_radius_px=config.r, n_pad=n_pad,
         )
         if motion_plugin is None and particles.trajectories_px is not None:
@@ -380,9 +381,9 @@ def refine_tomogram(
         if cc_before is None:
             cc_before = per_tilt_cc
         # coarse-to-fine on the same CC maps (first pass only): the stage-2 parameters carry over
-        cc_pad = np.concatenate([cc_raw, np.zeros((n_pad - n,) + cc_raw.shape[1:], np.float32)], 0)
+        cc_dev = data["cc"]
         for blur in schedule if outer == 0 else [0.0]:
-            data["cc"] = jnp.asarray(ccmaps.blur_windows(cc_pad, blur) if blur > 0 else cc_pad)
+            data["cc"] = ccmaps.blur_windows(cc_dev, blur) if blur > 0 else cc_dev
 
             def cb(it, cost, outer=outer):
                 if it < 10 or (it < 100 and it % 10 == 0) or it % 100 == 0:
