@@ -35,6 +35,7 @@ __all__ = [
     "compute_cc_windows",
     "frequency_weights",
     "gather_boxes",
+    "gather_pairs",
     "observe_windows",
 ]
 
@@ -124,6 +125,33 @@ def gather_boxes(stack, positions_px: np.ndarray, box: int) -> np.ndarray:
     return out
 
 
+def gather_pairs(stack, positions_px: np.ndarray, tilts: np.ndarray, box: int) -> np.ndarray:
+    """Raw ``s × s`` windows of particle–tilt pairs: ``positions_px (P, 2)``, ``tilts (P,)``.
+
+    Same extraction as :func:`gather_boxes` (corner ``round(u) − s//2``, edge replication),
+    one tilt image read per distinct tilt.
+    """
+    f, h, w = stack.shape
+    corner = np.floor(np.asarray(positions_px) + 0.5).astype(np.int64) - box // 2
+    out = np.empty((len(tilts), box, box), np.float32)
+    inside = (corner[:, 0] >= 0) & (corner[:, 1] >= 0) & (corner[:, 0] + box <= w) & (corner[:, 1] + box <= h)
+    ar = np.arange(box)
+    for j in np.unique(tilts):
+        img = stack[int(j)]
+        sel = tilts == j
+        ok = sel & inside
+        if ok.any():
+            view = np.lib.stride_tricks.sliding_window_view(img, (box, box))
+            out[ok] = view[corner[ok, 1], corner[ok, 0]]
+        edge = sel & ~inside
+        if edge.any():
+            c = corner[edge]
+            iy = np.clip(c[:, 1, None] + ar, 0, h - 1)
+            ix = np.clip(c[:, 0, None] + ar, 0, w - 1)
+            out[edge] = np.asarray(img)[iy[:, :, None], ix[:, None, :]]
+    return out
+
+
 def observe_windows(windows: jax.Array, frac_px: jax.Array) -> jax.Array:
     """Fourier observations from raw windows (``(..., s, s)``) and sub-pixel offsets ``(..., 2)``.
 
@@ -170,38 +198,38 @@ def _window_indices(box: int, half_width: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("half_width", "want_sum"))
-def _cc_chunk(windows, frac, cam_rot, depth, centre_depth, half, vis, blur, const, half_width, want_sum):
-    """CC windows for a chunk of one half set ``half`` (1 or 2): ``(n, F, s, s)`` → ``(n, F, D, D)``."""
-    box = windows.shape[-1]
-    y = observe_windows(windows, frac)  # (n, F, s, sh)
-    du = const["defocus_u"][None] + const["hand_slope_px"] * (depth - centre_depth[None])
-    dv = const["defocus_v"][None] + const["hand_slope_px"] * (depth - centre_depth[None])
+def _cc_pairs(windows, frac, cam_rot, depth, tilt, half, valid, blur, const, half_width, want_sum):
+    """CC windows of a batch of particle–tilt pairs of one half set ``half`` (1 or 2).
 
-    # one half map per chunk (the host groups particles by half set): selecting the map per
-    # particle inside vmap would materialise a 3D map per particle-tilt
+    ``windows (P, s, s)``, ``frac (P, 2)``, ``cam_rot (P, 3, 3)``, ``depth (P,)`` (depth minus
+    the tomogram centre's depth, pixels), ``tilt (P,)`` file index, ``valid (P,)`` 0 for
+    padding → ``(P, D, D)`` and, if ``want_sum``, the per-tilt sum of the full maps ``(F, s, s)``.
+    """
+    box = windows.shape[-1]
+    y = observe_windows(windows, frac)  # (P, s, sh)
+    dz = const["hand_slope_px"] * depth
+    # one half map per batch (the host groups pairs by half set): selecting the map per pair
+    # inside vmap would materialise a 3D map per pair
     ref = jax.lax.dynamic_index_in_dim(const["refs"], half - 1, axis=0, keepdims=False)
 
-    def one(rot, du_, dv_, ang, ps, bf, sc):
+    def one(rot, j, dz_):
         sl = imaging.central_slice(ref, rot, box)
         ctf = imaging.ctf_2d(
-            box, const["pixel_size"], du_, dv_, ang, const["voltage"], const["cs"], const["q0"],
-            ps, bf, sc,
+            box, const["pixel_size"], const["defocus_u"][j] + dz_, const["defocus_v"][j] + dz_,
+            const["defocus_angle"][j], const["voltage"], const["cs"], const["q0"],
+            const["phase_shift"][j], const["bfactor"][j], const["ctf_scale"][j],
         )
         return sl * ctf
 
-    per_tilt = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0))
-    per_part = jax.vmap(per_tilt, in_axes=(0, 0, 0, None, None, None, None))
-    s = per_part(
-        cam_rot, du, dv, const["defocus_angle"], const["phase_shift"], const["bfactor"],
-        const["ctf_scale"],
-    )
-    s = s * (const["dose"][None] / np.sqrt(box))
-    g = (-float(box * box) * vis[..., None, None]) * (const["weights"] * blur)[None] * y * jnp.conj(s)
+    s = jax.vmap(one)(cam_rot, tilt, dz)
+    w = const["weights"][tilt] * const["dose"][tilt] * blur[None]
+    g = (-float(box * box) / np.sqrt(box)) * (valid[:, None, None] * w) * y * jnp.conj(s)
     cc = jnp.fft.irfft2(g, s=(box, box))
     idx = _window_indices(box, half_width)
     win = cc[..., idx[:, None], idx[None, :]]
-    # the per-tilt sum (shift search) doubles the cost of the inverse FFT stage: only on demand
-    return win, (jnp.sum(cc, axis=0) if want_sum else None)
+    if not want_sum:  # the per-tilt sum doubles the cost of the inverse-FFT stage
+        return win, None
+    return win, jax.ops.segment_sum(cc, tilt, num_segments=const["weights"].shape[0])
 
 
 def compute_cc_windows(
@@ -216,11 +244,17 @@ def compute_cc_windows(
     *,
     box: int,
     half_width: int,
-    chunk: int = 16,
+    chunk: int = 8,
     blur_px: float = 0.0,
     want_sum: bool = False,
+    pairs: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ):
-    """CC windows of all particles of a tomogram.
+    """CC windows of the visible particle–tilt pairs of a tomogram.
+
+    Only visible pairs are computed (the windows of the others are 0), in batches of
+    ``chunk × F`` pairs of one half set, so memory is bounded and one compilation serves the
+    tomogram.
 
     Args:
         stack: ``(F, H, W)`` tilt images (numpy or memmap).
@@ -229,49 +263,58 @@ def compute_cc_windows(
         depth: ``(N, F)`` particle depth ``P_f[2]·[X;1]`` (pixels).
         centre_depth: ``(F,)`` depth of the tomogram centre.
         half_set: ``(N,)`` 1 or 2.
-        visible: ``(N, F)`` 1 where the box lies inside the image, else 0 (CC set to 0).
+        visible: ``(N, F)`` true where the box lies inside the image.
         const: :class:`CCInputs`.
         box: box size ``s``.
         half_width: window half-width ``hw`` in pixels (the window is ``2·hw+1`` wide).
-        chunk: particles per jitted call (memory bound).
+        chunk: batch size in particles' worth of pairs (``chunk × F`` pairs per call).
         blur_px: Gaussian low-pass of the CC maps (standard deviation in pixels; 0: none).
-            Widens the basin of each peak for the first, coarse outer iterations.
-        want_sum: also return the visibility-weighted sum over particles of the full CC maps
-            ``(F, s, s)`` (zero displacement at index 0, periodic): the per-tilt shift search.
+        want_sum: also return the sum over particles of the full CC maps ``(F, s, s)`` (zero
+            displacement at index 0, periodic): the per-tilt shift search.
+        pairs: optional boolean ``(N, F)``: compute only these pairs (and visible).
+        out: optional ``(N, F, D, D)`` array to write into (pairs not computed are kept).
 
     Returns:
         ``(N, F, D, D)`` float32 windows and the sum (or ``None``).
     """
     n, f = u0.shape[:2]
+    d = 2 * half_width + 1
     rad = radius_2d(box)
     blur = np.exp(-2.0 * (np.pi * blur_px * rad / box) ** 2).astype(np.float32)
-    out = np.zeros((n, f, 2 * half_width + 1, 2 * half_width + 1), np.float32)
+    if out is None:
+        out = np.zeros((n, f, d, d), np.float32)
     total = np.zeros((f, box, box), np.float64) if want_sum else None
+    todo = np.asarray(visible, bool) if pairs is None else (np.asarray(visible, bool) & pairs)
+    if pairs is not None:
+        out[np.asarray(pairs, bool) & ~np.asarray(visible, bool)] = 0.0
     half_set = np.asarray(half_set)
+    batch = max(1, chunk) * f
+    rel_depth = depth - centre_depth[None, :]
     for h in (1, 2):
-        members = np.flatnonzero(half_set == h) if h == 2 else np.flatnonzero(half_set != 2)
-        for start in range(0, len(members), chunk):
-            sel = members[start : start + chunk]
-            m = len(sel)
-            pad = chunk - m
+        in_half = (half_set == 2) if h == 2 else (half_set != 2)
+        pi, ti = np.nonzero(todo & in_half[:, None])
+        for start in range(0, len(pi), batch):
+            p_b, t_b = pi[start : start + batch], ti[start : start + batch]
+            m = len(p_b)
+            pad = batch - m
+            uu = u0[p_b, t_b]
+            win = gather_pairs(stack, uu, t_b, box)
+            frac = uu - np.floor(uu + 0.5)
 
             def padded(a, pad=pad):
                 a = np.asarray(a)
                 return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
 
-            uu = u0[sel]
-            win = gather_boxes(stack, uu, box)
-            frac = uu - np.floor(uu + 0.5)
-            vis = np.asarray(visible[sel], np.float32)
-            if pad:
-                vis = np.concatenate([vis, np.zeros((pad, f), np.float32)], 0)
-            w, t = _cc_chunk(
+            valid = np.zeros(batch, np.float32)
+            valid[:m] = 1.0
+            w, t = _cc_pairs(
                 jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
-                jnp.asarray(padded(cam_rot[sel]), jnp.float32),
-                jnp.asarray(padded(depth[sel]), jnp.float32), jnp.asarray(centre_depth, jnp.float32),
-                jnp.int32(h), jnp.asarray(vis), jnp.asarray(blur), const, half_width, want_sum,
+                jnp.asarray(padded(cam_rot[p_b, t_b]), jnp.float32),
+                jnp.asarray(padded(rel_depth[p_b, t_b]), jnp.float32),
+                jnp.asarray(padded(t_b), jnp.int32), jnp.int32(h), jnp.asarray(valid),
+                jnp.asarray(blur), const, half_width, want_sum,
             )
-            out[sel] = np.asarray(w)[:m]
+            out[p_b, t_b] = np.asarray(w)[:m]
             if want_sum:
                 total += np.asarray(t, np.float64)
     return out, total

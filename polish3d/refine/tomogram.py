@@ -50,9 +50,9 @@ class AlignConfig:
             range ± s/2 instead of ± r).
         chunk: particles per CC-stage call (memory bound); 0: automatic (8 on a CPU, where
             small batches stay in cache, 64 on an accelerator).
-        full_recompute: polish3d: recompute every particle's CC windows in every outer
-            iteration (else only particles whose predicted position moved more than
-            ``recompute_px`` from its window centre in some tilt, or became visible).
+        full_recompute: polish3d: recompute every CC window in every outer iteration (else only
+            the particle–tilt pairs whose predicted position moved more than ``recompute_px``
+            from its window centre, or that became visible).
         recompute_px: see ``full_recompute`` (pixels; negative: ``0.6 · r``, a drift after which
             the peak may have left the window's comfortable range).
         tol_rms_px, tol_max_px: stop the outer iterations once the projected positions move less
@@ -338,27 +338,22 @@ def refine_tomogram(
         u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
         t0 = time.perf_counter()
         if prev is None or config.full_recompute:
-            redo = np.ones(n, bool)
+            redo = np.ones((n, f), bool)
             cc_raw, u0, vis0 = None, u, vis
         else:
-            # recompute the windows of particles that moved towards their window's edge (or
-            # became visible); the others keep theirs: their peaks are well inside
+            # recompute the windows of the particle–tilt pairs that drifted towards their
+            # window's edge (or became visible); the others keep theirs: their peaks are inside
             cc_raw, u0, vis0 = (a.copy() for a in prev)
-            drift = np.where(vis0, np.linalg.norm(u - u0, axis=-1), 0.0).max(axis=1)
+            drift = np.where(vis0, np.linalg.norm(u - u0, axis=-1), 0.0)
             limit = config.recompute_px if config.recompute_px >= 0 else 0.6 * config.r
-            redo = (drift > limit) | (vis & ~vis0).any(axis=1)
+            redo = (drift > limit) | (vis & ~vis0)
             if not redo.any():
                 break
             u0[redo], vis0[redo] = u[redo], vis[redo]
-        idx = np.flatnonzero(redo)
-        new_cc, _ = ccmaps.compute_cc_windows(
-            stack, u[idx], rot[idx], depth[idx], cdepth, particles.half_set[idx], vis[idx], const,
-            box=box, half_width=hw, chunk=chunk,
+        cc_raw, _ = ccmaps.compute_cc_windows(
+            stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, half_width=hw,
+            chunk=chunk, pairs=redo, out=cc_raw,
         )
-        if cc_raw is None:
-            cc_raw = new_cc
-        else:
-            cc_raw[idx] = new_cc
         prev = (cc_raw, u0, vis0)
         t_cc = time.perf_counter() - t0
         vis = vis0
@@ -394,7 +389,7 @@ def refine_tomogram(
             )
             step = {
                 "outer": outer,
-                "recomputed_particles": int(redo.sum()),
+                "recomputed_pairs": int((redo & vis0).sum()),
                 "blur_px": blur,
                 "cost_initial": info.cost_initial,
                 "cost_final": info.cost_final,
