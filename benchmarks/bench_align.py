@@ -45,7 +45,7 @@ def run_one(work: Path, n: int, box: int, image: int, tilts_step: float, use_cli
     from polish3d.score import score
     from polish3d.simulate import SimulationConfig, simulate
 
-    sim = work / f"sim_n{n}_b{box}"
+    sim = work / f"sim_n{n}_b{box}_i{image}"
     if not (sim / "optimisation_set.star").exists():
         cfg = SimulationConfig(
             n_tomograms=1, n_particles=n, n_unlisted=0, box_px=box, image_size_px=(image, image),
@@ -106,12 +106,13 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cols = ["particles", "box", "tilts", "process_s", "tomogram_s", "cc_s", "cc_passes", "bare_fft_s",
+    cols = ["particles", "box", "tilts", "image", "process_s", "tomogram_s", "cc_s", "cc_passes", "bare_fft_s",
             "lbfgs_s", "peak_rss_mib", "rms_px", "median_px", "p95_px"]
     print(" ".join(f"{c:>11}" for c in cols), flush=True)
     for n in [int(v) for v in args.particles.split(",")]:
         for box in [int(v) for v in args.boxes.split(",")]:
-            r = run_one(work, n, box, args.image, args.tilt_step, True)
+            image = args.image if n <= 600 else 2 * args.image  # room for 2000 ribosomes
+            r = run_one(work, n, box, image, args.tilt_step, True)
             print(" ".join(f"{r[c]:>11.3f}" if isinstance(r[c], float) else f"{r[c]:>11}" for c in cols),
                   flush=True)
 

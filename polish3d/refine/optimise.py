@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
-from jax.flatten_util import ravel_pytree
 
 from polish3d.refine.objective import pair_values, total_cost
 
@@ -57,6 +56,23 @@ def value_and_grad(free: dict, fixed: dict, data: dict, options: StageOptions):
 @functools.partial(jax.jit, static_argnames=("options",))
 def _pair_values(params: dict, data: dict, options: StageOptions):
     return pair_values(params, data, options)
+
+
+def _unflatten(x, spec):
+    out, offset = {}, 0
+    for key, shape in spec:
+        size = int(np.prod(shape))
+        out[key] = x[offset : offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("options", "spec"))
+def _flat_value_and_grad(x, fixed: dict, data: dict, options: StageOptions, spec):
+    """Cost and flat gradient of the flat free-parameter vector (splitting and joining inside
+    the compiled function: no per-evaluation host-side array ops)."""
+    value, grads = jax.value_and_grad(_split_cost)(_unflatten(x, spec), fixed, data, options)
+    return value, jnp.concatenate([grads[k].ravel() for k, _ in spec])
 
 
 @dataclasses.dataclass
@@ -105,20 +121,20 @@ def minimise(
         c, _ = value_and_grad({}, fixed, data, options)
         c = float(c) + offset
         return params, MinimiseInfo(c, c, 0, 1, True, "nothing to optimise", 0.0)
-    flat0, unravel = ravel_pytree(free)
-    dtype = flat0.dtype
+    dtype = jnp.result_type(*free.values())
+    spec = tuple((k, tuple(free[k].shape)) for k in sorted(free))
     counter = {"n": 0, "it": 0}
 
     def fun(x):
         counter["n"] += 1
-        value, grads = value_and_grad(unravel(jnp.asarray(x, dtype)), fixed, data, options)
-        g = np.asarray(ravel_pytree(grads)[0], dtype=np.float64)
+        value, g = _flat_value_and_grad(jnp.asarray(x, dtype), fixed, data, options, spec)
+        g = np.asarray(g, dtype=np.float64)
         v = float(value)
         if not np.isfinite(v) or not np.all(np.isfinite(g)):
             return np.inf, np.zeros_like(g)
         return v, g
 
-    x0 = np.asarray(flat0, dtype=np.float64)
+    x0 = np.concatenate([np.asarray(free[k], np.float64).ravel() for k, _ in spec])
     c0, _ = fun(x0)
     last = {"cost": c0}
 
@@ -137,7 +153,7 @@ def minimise(
         options={"maxiter": int(max_iter), "maxcor": 6, "ftol": 1e-10, "gtol": 1e-6},
     )
     out = dict(params)
-    out.update(unravel(jnp.asarray(res.x, dtype)))
+    out.update(_unflatten(jnp.asarray(res.x, dtype), spec))
     info = MinimiseInfo(
         cost_initial=float(c0) + offset,
         cost_final=float(res.fun) + offset,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -88,6 +91,11 @@ def initial_params(n_tilts: int, n_particles: int) -> dict:
     }
 
 
+@functools.partial(jax.jit, static_argnames=("fix_gauge",))
+def _tilt_transforms(params, data, fix_gauge):
+    return tilt_transforms(params, data, fix_gauge=fix_gauge)
+
+
 def results_from_params(params: dict, data: dict, options, n_particles: int):
     """New projection matrices ``(F, 4, 4)`` and positions ``(N, 3)`` (float64) from parameters.
 
@@ -95,7 +103,7 @@ def results_from_params(params: dict, data: dict, options, n_particles: int):
     in float32 from the parameters, so rounding does not accumulate over outer iterations.
     """
     p_old = np.asarray(data["projections"], np.float64)
-    p_new32 = np.asarray(tilt_transforms(params, data, fix_gauge=options.fix_gauge_angles), np.float64)
+    p_new32 = np.asarray(_tilt_transforms(params, data, options.fix_gauge_angles), np.float64)
     # ΔP = P_new · P_old⁻¹, then re-orthonormalise its rotation block
     delta = p_new32 @ np.linalg.inv(p_old)
     u, _, vt = np.linalg.svd(delta[:, :3, :3])
