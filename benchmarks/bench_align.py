@@ -106,7 +106,8 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cols = ["particles", "box", "tilts", "image", "process_s", "tomogram_s", "cc_s", "cc_passes", "bare_fft_s",
+    cols = ["particles", "box", "tilts", "image", "process_s", "tomogram_s", "cc_s", "cc_passes",
+            "bare_fft_s",
             "lbfgs_s", "peak_rss_mib", "rms_px", "median_px", "p95_px"]
     print(" ".join(f"{c:>11}" for c in cols), flush=True)
     for n in [int(v) for v in args.particles.split(",")]:
