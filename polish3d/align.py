@@ -168,6 +168,9 @@ def _progress_printer(name: str) -> Callable[..., None]:
                 "converged" if k["converged"] else "not converged", k["cc_seconds"],
                 k["lbfgs_seconds"], k["move_rms_px"], k["move_max_px"],
             )
+        elif event == "rescue":
+            log.info("    %d particle(s) left behind: re-searched in 3D (%.1f s)", k["particles"],
+                     k["seconds"])
         elif event == "motion":
             log.info("    %s", k.get("message", ""))
         elif event == "deformation":

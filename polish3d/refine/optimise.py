@@ -21,7 +21,7 @@ import scipy.optimize
 
 from polish3d.refine.objective import pair_values, total_cost
 
-__all__ = ["StageOptions", "minimise", "value_and_grad"]
+__all__ = ["StageOptions", "minimise", "pair_values_at", "value_and_grad"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,11 @@ def _flat_value_and_grad(x, fixed: dict, data: dict, options: StageOptions, spec
     the compiled function: no per-evaluation host-side array ops)."""
     value, grads = jax.value_and_grad(_split_cost)(_unflatten(x, spec), fixed, data, options)
     return value, jnp.concatenate([grads[k].ravel() for k, _ in spec])
+
+
+def pair_values_at(params: dict, data: dict, options: StageOptions):
+    """Interpolated CC value of every particle–tilt pair ``(N_pad, F)`` at ``params`` (jitted)."""
+    return _pair_values({k: jnp.asarray(v) for k, v in params.items()}, data, options)
 
 
 @dataclasses.dataclass

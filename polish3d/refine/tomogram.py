@@ -50,6 +50,10 @@ class AlignConfig:
             range ± s/2 instead of ± r).
         chunk: particles per CC-stage call (memory bound); 0: automatic (8 on a CPU, where
             small batches stay in cache, 64 on an accelerator).
+        rescue: polish3d: after the first outer iteration, particles whose mean CC at the solution
+            lies ``rescue_z`` robust standard deviations below the median particle's are searched
+            in 3D in full-box CC maps at the refined tilt geometry (particles left behind).
+        rescue_z: see ``rescue``.
         full_recompute: polish3d: recompute every CC window in every outer iteration (else only
             the particle–tilt pairs whose predicted position moved more than ``recompute_px``
             from its window centre, or that became visible).
@@ -81,6 +85,8 @@ class AlignConfig:
     coarse_min_z: float = 6.0
     coarse_shift: bool = True
     chunk: int = 0
+    rescue: bool = True
+    rescue_z: float = 5.0
     full_recompute: bool = False
     recompute_px: float = -1.0
     tol_rms_px: float = 0.05
@@ -414,7 +420,32 @@ def refine_tomogram(
         )
         report("outer", **step)
         p_cur, x_cur = p_new, x_new
-        if step["move_rms_px"] < config.tol_rms_px and step["move_max_px"] < config.tol_max_px:
+        rescued = 0
+        if outer == 0 and config.rescue and "positions" in free and n >= 8:
+            # particles left behind (their peaks outside their windows): a 3D search in
+            # full-box CC maps at the refined tilt geometry
+            vals = np.asarray(optimise.pair_values_at(params, data, options))[:n]
+            w = vis.astype(np.float64)
+            score_p = np.sum(vals * w, axis=1) / np.maximum(w.sum(axis=1), 1.0)
+            med = np.median(score_p)
+            mad = 1.4826 * np.median(np.abs(score_p - med))
+            lost = np.flatnonzero((score_p < med - config.rescue_z * mad) & (w.sum(axis=1) >= 3))
+            metrics.setdefault("rescue_scores", score_p.tolist())
+            if lost.size:
+                t0 = time.perf_counter()
+                x_cur = x_cur.copy()
+                x_cur[lost] += _rescue_search(
+                    stack, lost, particles, p_cur, x_cur, offsets_now(), const, ts, box, chunk,
+                    frame_ok,
+                )
+                rescued = int(lost.size)
+                report("rescue", particles=rescued, seconds=time.perf_counter() - t0)
+            metrics.setdefault("rescued_particles", []).extend(lost.tolist())
+        if (
+            not rescued
+            and step["move_rms_px"] < config.tol_rms_px
+            and step["move_max_px"] < config.tol_max_px
+        ):
             break
 
     u_final = current_geometry(p_cur, x_cur)[0]
@@ -438,6 +469,40 @@ def refine_tomogram(
         pl.finish(plugin_params[pl.key], result)
     metrics["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _rescue_search(stack, lost, particles, p, x, offsets, const, ts, box, chunk, frame_ok) -> np.ndarray:
+    """3D position corrections ``(m, 3)`` (pixels) of lost particles by exhaustive search.
+
+    Full-box CC maps (displacements up to ``±(s/2 − 2)``) of each lost particle are computed at
+    the refined tilt geometry; every integer 3D displacement ``δ`` within that range is scored
+    by the sum over tilts of the maps at the projected displacement ``P_f[:2,:3]·δ`` (nearest
+    sample), and the best one is returned (the following outer iteration refines it).
+    """
+    hw = box // 2 - 2
+    pts = x[lost][:, None, :] + offsets[lost]
+    u = np.einsum("fij,nfj->nfi", p[:, :2, :3], pts) + p[None, :, :2, 3]
+    depth = np.einsum("fj,nfj->nf", p[:, 2, :3], pts) + p[None, :, 2, 3]
+    cdepth = p[:, 2, :3] @ geometry.tomogram_centre_px(ts.tomo_size_px) + p[:, 2, 3]
+    rot = np.einsum("fij,njk->nfik", p[:, :3, :3], particles.rotations[lost])
+    vis = _visible(u, ts.image_size_px, box) & frame_ok[None, :]
+    win, _ = ccmaps.compute_cc_windows(
+        stack, u, rot, depth, cdepth, particles.half_set[lost], vis, const, box=box, half_width=hw,
+        chunk=chunk,
+    )
+    g = np.arange(-hw, hw + 1, dtype=np.float64)
+    grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    du = np.einsum("fij,gj->gfi", p[:, :2, :3], grid)  # (G, F, 2)
+    ix = np.rint(du[..., 0]).astype(np.int64) + hw
+    iy = np.rint(du[..., 1]).astype(np.int64) + hw
+    inside = (ix >= 0) & (ix <= 2 * hw) & (iy >= 0) & (iy <= 2 * hw)
+    ixc, iyc = np.clip(ix, 0, 2 * hw), np.clip(iy, 0, 2 * hw)
+    f_idx = np.broadcast_to(np.arange(p.shape[0])[None, :], ix.shape)
+    out = np.zeros((len(lost), 3))
+    for k in range(len(lost)):
+        vals = win[k][f_idx, iyc, ixc] * (inside & vis[k][None, :])
+        out[k] = grid[np.argmax(vals.sum(axis=1))]
+    return out
 
 
 def _build_plugins(ts, particles, config, motion, deformation, n_pad, report) -> dict:
