@@ -100,6 +100,7 @@ def minimise(
     *,
     free_keys: tuple[str, ...],
     max_iter: int = 10000,
+    ftol: float = 1e-10,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[dict, MinimiseInfo]:
     """Minimise the stage-2 cost over ``params[k]`` for ``k`` in ``free_keys``.
@@ -110,6 +111,7 @@ def minimise(
         options: static options.
         free_keys: names of the parameter blocks to optimise; others stay fixed.
         max_iter: maximum L-BFGS iterations (``--it``).
+        ftol: stop when the relative cost decrease of an iteration is below this.
         callback: called as ``callback(iteration, cost)`` after each iteration.
 
     Returns:
@@ -155,7 +157,7 @@ def minimise(
         jac=True,
         method="L-BFGS-B",
         callback=cb,
-        options={"maxiter": int(max_iter), "maxcor": 6, "ftol": 1e-10, "gtol": 1e-6},
+        options={"maxiter": int(max_iter), "maxcor": 6, "ftol": float(ftol), "gtol": 1e-6},
     )
     out = dict(params)
     out.update(_unflatten(jnp.asarray(res.x, dtype), spec))

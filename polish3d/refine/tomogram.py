@@ -390,8 +390,11 @@ def refine_tomogram(
                 if it < 10 or (it < 100 and it % 10 == 0) or it % 100 == 0:
                     report("iteration", outer=outer, iteration=it, cost=cost)
 
+            # the low-passed stages only need to bring every pair into its peak's basin
             params, info = optimise.minimise(
-                params, data, options, free_keys=free, max_iter=config.it, callback=cb
+                params, data, options, free_keys=free, callback=cb,
+                max_iter=config.it if blur == 0 else min(config.it, 60),
+                ftol=1e-10 if blur == 0 else 1e-7,
             )
             step = {
                 "outer": outer,
