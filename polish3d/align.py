@@ -121,28 +121,6 @@ def _fsc_envelope_jit(spectral_index, fsc, **static):
 _FSC_JIT = None
 
 
-def fsc_from_half_maps(half1: np.ndarray, half2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FSC per integer shell of two half maps (used when no ``--fsc`` table is given).
-
-    Returns ``(spectral_index, fsc)`` with ``box//2 + 1`` shells.
-    """
-    f1 = np.fft.rfftn(half1)
-    f2 = np.fft.rfftn(half2)
-    s = half1.shape[0]
-    k = np.fft.fftfreq(s) * s
-    kx = np.arange(s // 2 + 1)
-    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    shell = np.floor(r + 0.5).astype(int).ravel()
-    n = s // 2 + 1
-    ok = shell < n
-    num = np.bincount(shell[ok], (f1 * np.conj(f2)).real.ravel()[ok], n)
-    d1 = np.bincount(shell[ok], (np.abs(f1) ** 2).ravel()[ok], n)
-    d2 = np.bincount(shell[ok], (np.abs(f2) ** 2).ravel()[ok], n)
-    fsc = num / np.sqrt(np.maximum(d1 * d2, 1e-30))
-    fsc[0] = 1.0
-    return np.arange(n), fsc
-
-
 def _setup_log_file(out_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(out_dir / "polish3d.log", mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -323,7 +301,7 @@ def align(
             idx, fsc = mrc.read_fsc(fsc_file)
         else:
             m = 1.0 if mask is None else mask
-            idx, fsc = fsc_from_half_maps(half1 * m, half2 * m)
+            idx, fsc = imaging.fsc_from_half_maps(half1 * m, half2 * m)
         ref_px = float(vs1) if vs1 and vs1 > 0 else None
 
         names = [n for n in tset.names if n in set(pset.tomogram_names())]

@@ -433,7 +433,7 @@ def refine_tilt_series(
     import jax.numpy as jnp
 
     from polish3d import imaging
-    from polish3d.align import fsc_from_half_maps
+    from polish3d.imaging import fsc_from_half_maps
     from polish3d.refine.tomogram import refine_tomogram
 
     o = _options(box, dict(options, r=r))

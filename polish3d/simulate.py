@@ -249,27 +249,12 @@ def _particle_radius_px(vol: np.ndarray, fraction: float = 0.95) -> float:
 
 
 def _fsc_table(h1: np.ndarray, h2: np.ndarray, pixel_size_ang: float):
+    from polish3d.imaging import fsc_from_half_maps
+
+    idx, fsc = fsc_from_half_maps(h1, h2)
     box = h1.shape[0]
-    f1, f2 = np.fft.rfftn(h1), np.fft.rfftn(h2)
-    k = np.fft.fftfreq(box) * box
-    kx = np.arange(box // 2 + 1)
-    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
-    shell = np.floor(r + 0.5).astype(int).ravel()
-    n = box // 2 + 1
-    ok = shell < n
-    num = np.bincount(shell[ok], (f1 * np.conj(f2)).real.ravel()[ok], n)
-    d1 = np.bincount(shell[ok], (np.abs(f1) ** 2).ravel()[ok], n)
-    d2 = np.bincount(shell[ok], (np.abs(f2) ** 2).ravel()[ok], n)
-    fsc = num / np.sqrt(np.maximum(d1 * d2, 1e-30))
-    fsc[0] = 1.0
-    idx = np.arange(n)
     res = np.where(idx > 0, box * pixel_size_ang / np.maximum(idx, 1), 999.0)
     return idx, res, fsc
-
-
-# ----------------------------------------------------------------------------------------------
-# acquisition scheme, geometry, motion, deformation
-# ----------------------------------------------------------------------------------------------
 
 
 def hagen_dose_order(angles_deg: np.ndarray, group: int = 2) -> np.ndarray:

@@ -31,6 +31,7 @@ from polish3d.imaging.noise import noise_power, periodogram_average, radial_aver
 from polish3d.imaging.projection import central_slice, nyquist_mask, predict_particle
 from polish3d.imaging.reference import (
     fsc_envelope,
+    fsc_from_half_maps,
     gridding_correction,
     prepare_reference,
     taper_weights,
@@ -49,6 +50,7 @@ __all__ = [
     "extract_window",
     "freq_grid_2d",
     "fsc_envelope",
+    "fsc_from_half_maps",
     "gridding_correction",
     "irfft2c",
     "noise_power",

@@ -7,7 +7,8 @@ import numpy as np
 
 from polish3d.imaging.fourier import centre_phase_3d, radius_2d
 
-__all__ = ["fsc_envelope", "prepare_reference", "taper_weights", "gridding_correction"]
+__all__ = [
+    "fsc_envelope", "fsc_from_half_maps", "gridding_correction", "prepare_reference", "taper_weights"]
 
 TAPER_WIDTH_PX = 10.0
 GRIDDING_EPSILON = 0.02
@@ -148,3 +149,25 @@ def fsc_envelope(
     t = (r - last_shell) / fw
     env = jnp.where((r > last_shell) & (r < last_shell + fw), (jnp.cos(np.pi * t) + 1.0) / 2.0, 1.0)
     return jnp.where(zero, 0.0, env * g).astype(jnp.float32)
+
+
+def fsc_from_half_maps(half1: np.ndarray, half2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FSC per integer shell of two half maps (used when no ``--fsc`` table is given).
+
+    Returns ``(spectral_index, fsc)`` with ``box//2 + 1`` shells.
+    """
+    f1 = np.fft.rfftn(half1)
+    f2 = np.fft.rfftn(half2)
+    s = half1.shape[0]
+    k = np.fft.fftfreq(s) * s
+    kx = np.arange(s // 2 + 1)
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    shell = np.floor(r + 0.5).astype(int).ravel()
+    n = s // 2 + 1
+    ok = shell < n
+    num = np.bincount(shell[ok], (f1 * np.conj(f2)).real.ravel()[ok], n)
+    d1 = np.bincount(shell[ok], (np.abs(f1) ** 2).ravel()[ok], n)
+    d2 = np.bincount(shell[ok], (np.abs(f2) ** 2).ravel()[ok], n)
+    fsc = num / np.sqrt(np.maximum(d1 * d2, 1e-30))
+    fsc[0] = 1.0
+    return np.arange(n), fsc
