@@ -645,8 +645,9 @@ class TomogramSet:
     def _rebased_tilt_table(self, name: str, table: pd.DataFrame, project_dir) -> pd.DataFrame:
         """The per-tilt table with image paths valid from ``project_dir`` (default: the cwd).
 
-        Image paths are normally already relative to the project folder and stay as they are;
-        only paths that were found through the fallback (next to the STAR file) are rewritten.
+        Image paths are normally relative to the project folder and stay as they are; only
+        paths that were found through the fallback (next to the STAR file, i.e. a set read from
+        outside its project) are rewritten relative to ``project_dir``.
         """
         if "rlnMicrographName" not in table.columns:
             return table
@@ -660,8 +661,9 @@ class TomogramSet:
             except ValueError:
                 cells.append(cell)
                 continue
-            if Path(path_text).is_absolute() or (base / path_text).exists():
-                cells.append(cell)
+            src = Path(self.project_dir) if self.project_dir is not None else Path.cwd()
+            if Path(path_text).is_absolute() or (base / path_text).exists() or (src / path_text).exists():
+                cells.append(cell)  # a proper project-relative path: RELION's convention
                 continue
             found = _resolve(path_text, self.project_dir, referrer)
             if not found.exists():
