@@ -272,7 +272,8 @@ def compute_cc_windows(
         want_sum: also return the sum over particles of the full CC maps ``(F, s, s)`` (zero
             displacement at index 0, periodic): the per-tilt shift search.
         pairs: optional boolean ``(N, F)``: compute only these pairs (and visible).
-        out: optional ``(N, F, D, D)`` array to write into (pairs not computed are kept).
+        out: optional ``(≥N, F, D, D)`` array to write into (pairs not computed are kept; rows
+            beyond ``N``, e.g. padding, are left alone).
 
     Returns:
         ``(N, F, D, D)`` float32 windows and the sum (or ``None``).
@@ -286,7 +287,7 @@ def compute_cc_windows(
     total = np.zeros((f, box, box), np.float64) if want_sum else None
     todo = np.asarray(visible, bool) if pairs is None else (np.asarray(visible, bool) & pairs)
     if pairs is not None:
-        out[np.asarray(pairs, bool) & ~np.asarray(visible, bool)] = 0.0
+        out[:n][np.asarray(pairs, bool) & ~np.asarray(visible, bool)] = 0.0
     half_set = np.asarray(half_set)
     batch = max(1, chunk) * f
     rel_depth = depth - centre_depth[None, :]

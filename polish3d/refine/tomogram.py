@@ -100,13 +100,13 @@ def _tile_power(tiles, box: int):
     return imaging.radial_average(jnp.mean(ft.real**2 + ft.imag**2, axis=0), box)
 
 
-def noise_spectra(stack, box: int, max_tiles: int = 400) -> np.ndarray:
+def noise_spectra(stack, box: int, max_tiles: int = 256) -> np.ndarray:
     """Radial noise power ``(F, s//2+1)`` of every tilt image (RELION's whitening input, §2.4).
 
     The mean periodogram of ``s × s`` tiles on RELION's 50 %-overlap grid (tiles start at
     multiples of ``s//2`` and lie inside the image). For large images an evenly spread subset of
-    at most ``max_tiles`` tiles is used (a 4k × 6k image has ~6000; 400 already estimate each
-    shell to about 1 %).
+    at most ``max_tiles`` tiles is used (a 4k × 6k image has ~6000 at box 128; 256 tiles estimate
+    each shell of the radial average to about 1–2 %).
     """
     f, h, w = stack.shape
     step = box // 2
@@ -339,34 +339,38 @@ def refine_tomogram(
         schedule.append(0.0)
     cc_before = None
     per_tilt_cc: list[float] = []
-    prev = None  # (windows, their centres, their visibility) of the previous pass
+    prev = None  # (unused, window centres, their visibility) of the previous pass
+    cc_store = None
     for outer in range(n_outer):
         u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
         t0 = time.perf_counter()
         if prev is None or config.full_recompute:
             redo = np.ones((n, f), bool)
-            cc_raw, u0, vis0 = None, u, vis
+            u0, vis0 = u, vis
         else:
             # recompute the windows of the particle–tilt pairs that drifted towards their
             # window's edge (or became visible); the others keep theirs: their peaks are inside
-            cc_raw, u0, vis0 = (a.copy() for a in prev)
+            u0, vis0 = prev[1].copy(), prev[2].copy()
             drift = np.where(vis0, np.linalg.norm(u - u0, axis=-1), 0.0)
             limit = config.recompute_px if config.recompute_px >= 0 else 0.6 * config.r
             redo = (drift > limit) | (vis & ~vis0)
             if not redo.any():
                 break
             u0[redo], vis0[redo] = u[redo], vis[redo]
-        cc_raw, _ = ccmaps.compute_cc_windows(
+        # one store for the windows, padded to the particle bucket, updated in place
+        if cc_store is None:
+            cc_store = np.zeros((n_pad, f, 2 * hw + 1, 2 * hw + 1), np.float32)
+        ccmaps.compute_cc_windows(
             stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, half_width=hw,
-            chunk=chunk, pairs=redo, out=cc_raw,
+            chunk=chunk, pairs=redo, out=cc_store,
         )
-        prev = (cc_raw, u0, vis0)
+        cc_raw = cc_store[:n]
+        prev = (None, u0, vis0)
         t_cc = time.perf_counter() - t0
         vis = vis0
         weight = vis.astype(np.float32)
-        cc_pad = np.concatenate([cc_raw, np.zeros((n_pad - n,) + cc_raw.shape[1:], np.float32)], 0)
         data = stage2.build_data(
-            p_cur, x_cur, u0, cc_pad, weight, tomo_size_px=ts.tomo_size_px,
+            p_cur, x_cur, u0, cc_store, weight, tomo_size_px=ts.tomo_size_px,
             image_size_px=ts.image_size_px, window_radius_px=config.r, n_pad=n_pad,
         )
         if motion_plugin is None and particles.trajectories_px is not None:
