@@ -629,10 +629,8 @@ def _run_validated(o: dict, argv: list[str], AlignConfig, pipeline: bool) -> Ali
 def _motion_config(o: dict):
     if not o.get("motion"):
         return None
-    try:
-        from polish3d.refine.motion import MotionConfig
-    except ImportError:
-        raise InputError("--motion: not yet available in this version of polish3d") from None
+    from polish3d.refine.motion import MotionConfig
+
     return MotionConfig(
         s_vel=float(o.get("s_vel", 0.5)), s_div=float(o.get("s_div", 5000.0)),
         abs_params=bool(o.get("abs_params")), sq_exp_ker=bool(o.get("sq_exp_ker")),

@@ -34,7 +34,6 @@ __all__ = [
     "blur_windows",
     "compute_cc_windows",
     "frequency_weights",
-    "gather_boxes",
     "gather_pairs",
     "observe_windows",
 ]
@@ -88,48 +87,12 @@ def frequency_weights(
     return np.where(keep, w, 0.0).astype(np.float32)
 
 
-def gather_boxes(stack, positions_px: np.ndarray, box: int) -> np.ndarray:
-    """Raw ``s × s`` windows around 2D positions, gathered from a ``(F, H, W)`` stack.
-
-    Args:
-        stack: array-like ``(F, H, W)`` (a numpy memmap is read only where needed).
-        positions_px: ``(n, F, 2)`` positions ``(x, y)`` in each tilt.
-        box: box size ``s``.
-
-    Returns:
-        ``(n, F, s, s)`` float32; corner ``round(u) − s//2`` (round half up), indices clamped to
-        the image (edge replication), as RELION's extraction.
-    """
-    f, h, w = stack.shape
-    corner = np.floor(positions_px + 0.5).astype(np.int64) - box // 2
-    n = corner.shape[0]
-    out = np.empty((n, f, box, box), np.float32)
-    inside = (
-        (corner[..., 0] >= 0) & (corner[..., 1] >= 0)
-        & (corner[..., 0] + box <= w) & (corner[..., 1] + box <= h)
-    )
-    ar = np.arange(box)
-    for j in range(f):
-        img = np.asarray(stack[j], dtype=np.float32) if not isinstance(stack, np.ndarray) else stack[j]
-        ok = inside[:, j]
-        if ok.any():
-            # whole boxes: strided block copies from a sliding-window view (fast)
-            view = np.lib.stride_tricks.sliding_window_view(img, (box, box))
-            out[ok, j] = view[corner[ok, j, 1], corner[ok, j, 0]]
-        if (~ok).any():
-            # boxes touching the border: clamped indices (edge replication, RELION)
-            c = corner[~ok, j]
-            iy = np.clip(c[:, 1, None] + ar, 0, h - 1)
-            ix = np.clip(c[:, 0, None] + ar, 0, w - 1)
-            out[~ok, j] = img[iy[:, :, None], ix[:, None, :]]
-    return out
-
-
 def gather_pairs(stack, positions_px: np.ndarray, tilts: np.ndarray, box: int) -> np.ndarray:
     """Raw ``s × s`` windows of particle–tilt pairs: ``positions_px (P, 2)``, ``tilts (P,)``.
 
-    Same extraction as :func:`gather_boxes` (corner ``round(u) − s//2``, edge replication),
-    one tilt image read per distinct tilt.
+    RELION's extraction window: corner ``round(u) − s//2`` (round half up), indices clamped to
+    the image (edge replication); one tilt image read per distinct tilt. Returns ``(P, s, s)``
+    float32.
     """
     f, h, w = stack.shape
     corner = np.floor(np.asarray(positions_px) + 0.5).astype(np.int64) - box // 2

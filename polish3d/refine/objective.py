@@ -137,8 +137,8 @@ def data_term(u: jax.Array, data: dict, range_reg: float) -> tuple[jax.Array, ja
 def total_cost(params: dict, data: dict, options) -> jax.Array:
     """Scalar cost of one tomogram (see the module docstring), relative to ``data["cc_base"]``.
 
-    ``options`` is a hashable object with attributes ``range_reg`` (float), ``fix_gauge`` (bool),
-    ``motion`` and ``deformation`` (model objects or ``None``) — static under jit.
+    ``options`` is a hashable :class:`~polish3d.refine.optimise.StageOptions` (``range_reg``,
+    ``fix_gauge_positions``, ``fix_gauge_angles``, ``motion``, ``deformation``) — static under jit.
     """
     return _cost_and_values(params, data, options)[0]
 

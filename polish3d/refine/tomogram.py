@@ -185,6 +185,13 @@ def _padded_problem(refs_ft, envelope: np.ndarray, box: int, cbox: int):
     return refs_c.astype(jnp.complex64), env_c
 
 
+def _median_and_robust_sigma(a: np.ndarray, axis=None):
+    """Median and robust standard deviation (1.4826 × median absolute deviation) along ``axis``."""
+    med = np.median(a, axis=axis, keepdims=True)
+    sigma = 1.4826 * np.median(np.abs(a - med), axis=axis, keepdims=True)
+    return np.squeeze(med, axis), np.squeeze(sigma, axis)
+
+
 def _visible(u: np.ndarray, image_size_px, box: int) -> np.ndarray:
     w, h = image_size_px
     half = box / 2.0
@@ -303,10 +310,8 @@ def refine_tomogram(
         shifts = np.stack([_parabolic_peak(total[j]) for j in range(f)])
         # accept a tilt's shift only where the summed CC has a clear peak (robust z-score)
         flat = total.reshape(f, -1)
-        med = np.median(flat, axis=1)
-        mad = 1.4826 * np.median(np.abs(flat - med[:, None]), axis=1)
-        z = (flat.max(axis=1) - med) / np.maximum(mad, 1e-30)
-        weak = z < config.coarse_min_z
+        med, sigma = _median_and_robust_sigma(flat, axis=1)
+        weak = (flat.max(axis=1) - med) / np.maximum(sigma, 1e-30) < config.coarse_min_z
         shifts[weak] = 0.0
         metrics["coarse_rejected_tilts"] = np.flatnonzero(weak).tolist()
         shifts[~frame_ok] = 0.0
@@ -339,7 +344,7 @@ def refine_tomogram(
         schedule.append(0.0)
     cc_before = None
     per_tilt_cc: list[float] = []
-    prev = None  # (unused, window centres, their visibility) of the previous pass
+    prev = None  # (window centres, their visibility) of the previous pass
     cc_store = None
     for outer in range(n_outer):
         u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
@@ -350,7 +355,7 @@ def refine_tomogram(
         else:
             # recompute the windows of the particle–tilt pairs that drifted towards their
             # window's edge (or became visible); the others keep theirs: their peaks are inside
-            u0, vis0 = prev[1].copy(), prev[2].copy()
+            u0, vis0 = prev[0].copy(), prev[1].copy()
             drift = np.where(vis0, np.linalg.norm(u - u0, axis=-1), 0.0)
             limit = config.recompute_px if config.recompute_px >= 0 else 0.6 * config.r
             redo = (drift > limit) | (vis & ~vis0)
@@ -365,7 +370,7 @@ def refine_tomogram(
             chunk=chunk, pairs=redo, out=cc_store,
         )
         cc_raw = cc_store[:n]
-        prev = (None, u0, vis0)
+        prev = (u0, vis0)
         t_cc = time.perf_counter() - t0
         vis = vis0
         weight = vis.astype(np.float32)
@@ -434,16 +439,17 @@ def refine_tomogram(
             vals = np.asarray(optimise.pair_values_at(params, data, options))[:n]
             w = vis.astype(np.float64)
             score_p = np.sum(vals * w, axis=1) / np.maximum(w.sum(axis=1), 1.0)
-            med = np.median(score_p)
-            mad = 1.4826 * np.median(np.abs(score_p - med))
-            lost = np.flatnonzero((score_p < med - config.rescue_z * mad) & (w.sum(axis=1) >= 3))
+            med, sigma = _median_and_robust_sigma(score_p)
+            lost = np.flatnonzero((score_p < med - config.rescue_z * sigma) & (w.sum(axis=1) >= 3))
             metrics.setdefault("rescue_scores", score_p.tolist())
             if lost.size:
                 t0 = time.perf_counter()
                 x_cur = x_cur.copy()
+                # the same predictions the CC windows use (motion, deformation, visibility)
+                u_g, depth_g, cdepth_g, rot_g, vis_g = current_geometry(p_cur, x_cur)
                 x_cur[lost] += _rescue_search(
-                    stack, lost, particles, p_cur, x_cur, offsets_now(), const, ts, box, chunk,
-                    frame_ok,
+                    stack, p_cur, u_g[lost], depth_g[lost], cdepth_g, rot_g[lost], vis_g[lost],
+                    particles.half_set[lost], const, box, chunk,
                 )
                 rescued = int(lost.size)
                 report("rescue", particles=rescued, seconds=time.perf_counter() - t0)
@@ -478,24 +484,18 @@ def refine_tomogram(
     return result
 
 
-def _rescue_search(stack, lost, particles, p, x, offsets, const, ts, box, chunk, frame_ok) -> np.ndarray:
+def _rescue_search(stack, p, u, depth, cdepth, rot, vis, half_set, const, box, chunk) -> np.ndarray:
     """3D position corrections ``(m, 3)`` (pixels) of lost particles by exhaustive search.
 
-    Full-box CC maps (displacements up to ``±(s/2 − 2)``) of each lost particle are computed at
-    the refined tilt geometry; every integer 3D displacement ``δ`` within that range is scored
-    by the sum over tilts of the maps at the projected displacement ``P_f[:2,:3]·δ`` (nearest
-    sample), and the best one is returned (the following outer iteration refines it).
+    ``u, depth, rot, vis`` are the lost particles' current predictions (as for the CC windows)
+    and ``cdepth`` the tomogram centre's depth per tilt. Full-box CC maps (displacements up to
+    ``±(s/2 − 2)``) are computed there; every integer 3D displacement ``δ`` within that range is
+    scored by the sum over tilts of the maps at the projected displacement ``P_f[:2,:3]·δ``
+    (nearest sample), and the best one is returned (the following outer iteration refines it).
     """
     hw = box // 2 - 2
-    pts = x[lost][:, None, :] + offsets[lost]
-    u = np.einsum("fij,nfj->nfi", p[:, :2, :3], pts) + p[None, :, :2, 3]
-    depth = np.einsum("fj,nfj->nf", p[:, 2, :3], pts) + p[None, :, 2, 3]
-    cdepth = p[:, 2, :3] @ geometry.tomogram_centre_px(ts.tomo_size_px) + p[:, 2, 3]
-    rot = np.einsum("fij,njk->nfik", p[:, :3, :3], particles.rotations[lost])
-    vis = _visible(u, ts.image_size_px, box) & frame_ok[None, :]
     win, _ = ccmaps.compute_cc_windows(
-        stack, u, rot, depth, cdepth, particles.half_set[lost], vis, const, box=box, half_width=hw,
-        chunk=chunk,
+        stack, u, rot, depth, cdepth, half_set, vis, const, box=box, half_width=hw, chunk=chunk,
     )
     g = np.arange(-hw, hw + 1, dtype=np.float64)
     grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
@@ -505,8 +505,8 @@ def _rescue_search(stack, lost, particles, p, x, offsets, const, ts, box, chunk,
     inside = (ix >= 0) & (ix <= 2 * hw) & (iy >= 0) & (iy <= 2 * hw)
     ixc, iyc = np.clip(ix, 0, 2 * hw), np.clip(iy, 0, 2 * hw)
     f_idx = np.broadcast_to(np.arange(p.shape[0])[None, :], ix.shape)
-    out = np.zeros((len(lost), 3))
-    for k in range(len(lost)):
+    out = np.zeros((len(u), 3))
+    for k in range(len(u)):
         vals = win[k][f_idx, iyc, ixc] * (inside & vis[k][None, :])
         out[k] = grid[np.argmax(vals.sum(axis=1))]
     return out
