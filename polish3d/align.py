@@ -103,24 +103,6 @@ class _StackView:
         return out
 
 
-def _fsc_envelope_jit(spectral_index, fsc, **static):
-    """``imaging.fsc_envelope`` compiled once (its eager form dispatches ~100 small ops)."""
-    import jax
-
-    from polish3d import imaging
-
-    global _FSC_JIT
-    if _FSC_JIT is None:
-        _FSC_JIT = jax.jit(
-            imaging.fsc_envelope,
-            static_argnames=("box", "ref_box", "pixel_size_ang", "freq_cutoff_ang", "width", "use_snr"),
-        )
-    return _FSC_JIT(np.asarray(spectral_index), np.asarray(fsc, np.float32), **static)
-
-
-_FSC_JIT = None
-
-
 def _setup_log_file(out_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(out_dir / "polish3d.log", mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -242,9 +224,7 @@ def align(
     Returns:
         an :class:`AlignOutcome`.
     """
-    import jax.numpy as jnp
 
-    from polish3d import imaging
     from polish3d.io import mrc, relion
     from polish3d.refine import tomogram as tomo_refine
 
@@ -284,24 +264,14 @@ def align(
         box = config.box
         half1, vs1 = mrc.read_map(ref1)
         half2, _ = mrc.read_map(ref2)
-        if half1.shape != half2.shape:
-            raise InputError(f"half maps differ in size: {ref1} {half1.shape} vs {ref2} {half2.shape}")
-        if max(half1.shape) > box:
-            raise InputError(
-                f"reference {ref1} is {half1.shape[0]} px, larger than the box --b {box}; "
-                "use a larger --b or a smaller reference"
-            )
         mask = mrc.read_map(mask_file)[0] if mask_file else None
-        if mask is not None and mask.shape != half1.shape:
-            raise InputError(f"mask {mask_file} is {mask.shape}, the half maps {half1.shape}")
+        refs_ft, (idx, fsc) = tomo_refine.prepare_references(
+            half1, half2, box, mask, names=(str(ref1), str(ref2), f"mask {mask_file}")
+        )
         if half1.shape[0] < box:
             log.info("  Padding reference from %d to %d", half1.shape[0], box)
-        refs_ft = jnp.stack([imaging.prepare_reference(h, box, mask) for h in (half1, half2)])
         if fsc_file:
             idx, fsc = mrc.read_fsc(fsc_file)
-        else:
-            m = 1.0 if mask is None else mask
-            idx, fsc = imaging.fsc_from_half_maps(half1 * m, half2 * m)
         ref_px = float(vs1) if vs1 and vs1 > 0 else None
 
         names = [n for n in tset.names if n in set(pset.tomogram_names())]
@@ -338,12 +308,9 @@ def align(
                 raise InputError(f"{name}: {stack.shape[0]} images for {ts.n_tilts} tilts")
             key = round(ts.pixel_size_ang, 6)
             if key not in envelopes:  # once per pixel size, not per tomogram
-                envelopes[key] = np.asarray(
-                    _fsc_envelope_jit(
-                        idx, fsc, box=box, ref_box=box, pixel_size_ang=float(ts.pixel_size_ang),
-                        freq_cutoff_ang=float(freq_cutoff_ang), width=float(fsc_thresh_width),
-                        use_snr=bool(use_snr_weight),
-                    )
+                envelopes[key] = tomo_refine.reference_envelope(
+                    idx, fsc, box, ts.pixel_size_ang, freq_cutoff_ang=freq_cutoff_ang,
+                    width=fsc_thresh_width, use_snr=use_snr_weight,
                 )
             envelope = envelopes[key]
             res = tomo_refine.refine_tomogram(

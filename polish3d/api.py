@@ -430,22 +430,9 @@ def refine_tilt_series(
         InputError: inconsistent shapes or invalid options.
         TypeError: an unknown option name.
     """
-    import jax.numpy as jnp
-
-    from polish3d import imaging
-    from polish3d.imaging import fsc_from_half_maps
-    from polish3d.refine.tomogram import refine_tomogram
+    from polish3d.refine.tomogram import prepare_references, reference_envelope, refine_tomogram
 
     o = _options(box, dict(options, r=r))
-    half1, half2 = (np.asarray(h, np.float32) for h in half_maps)
-    if half1.shape != half2.shape or half1.ndim != 3:
-        raise InputError(f"half maps must be two equal cubes, got {half1.shape} and {half2.shape}")
-    if half1.shape[0] > box:
-        raise InputError(f"reference is {half1.shape[0]} px, larger than the box {box}")
-    if mask is not None:
-        mask = np.asarray(mask, np.float32)
-        if mask.shape != half1.shape:
-            raise InputError(f"mask is {mask.shape}, the half maps {half1.shape}")
     if tuple(np.shape(stack)) != (ts.n_tilts, ts.image_size_px[1], ts.image_size_px[0]):
         raise InputError(
             f"stack is {tuple(np.shape(stack))}, expected (F, H, W) = "
@@ -453,20 +440,15 @@ def refine_tilt_series(
         )
     if particles.n_particles == 0:
         raise InputError(f"{ts.name}: no particles")
-    refs_ft = jnp.stack([imaging.prepare_reference(h, box, mask) for h in (half1, half2)])
-    if fsc is None:
-        m = 1.0 if mask is None else mask
-        idx, fsc_v = fsc_from_half_maps(half1 * m, half2 * m)
-    elif isinstance(fsc, tuple):
+    refs_ft, (idx, fsc_v) = prepare_references(*half_maps, box, mask)
+    if isinstance(fsc, tuple):
         idx, fsc_v = (np.asarray(a, np.float64) for a in fsc)
-    else:
+    elif fsc is not None:
         fsc_v = np.asarray(fsc, np.float64)
         idx = np.arange(len(fsc_v))
-    envelope = np.asarray(
-        imaging.fsc_envelope(
-            idx, fsc_v, box, box, ts.pixel_size_ang, freq_cutoff_ang=o.freq_cutoff_ang,
-            width=o.fsc_thresh_width, use_snr=o.use_snr_weight,
-        )
+    envelope = reference_envelope(
+        idx, fsc_v, box, ts.pixel_size_ang, freq_cutoff_ang=o.freq_cutoff_ang,
+        width=o.fsc_thresh_width, use_snr=o.use_snr_weight,
     )
     res = refine_tomogram(
         ts, particles, stack, refs_ft, envelope, o.config, motion=o.motion,

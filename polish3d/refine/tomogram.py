@@ -19,10 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from polish3d import geometry, imaging
+from polish3d.errors import InputError
 from polish3d.model import ParticleData, TiltSeriesData, TomogramResult
 from polish3d.refine import ccmaps, optimise, stage2
 
-__all__ = ["AlignConfig", "prepare_tomogram_constants", "refine_tomogram"]
+__all__ = [
+    "AlignConfig",
+    "prepare_references",
+    "prepare_tomogram_constants",
+    "reference_envelope",
+    "refine_tomogram",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +98,64 @@ class AlignConfig:
     recompute_px: float = -1.0
     tol_rms_px: float = 0.05
     tol_max_px: float = 1.0
+
+
+def prepare_references(half1, half2, box: int, mask=None, *, names=("half map 1", "half map 2", "mask")):
+    """Check and prepare the two half maps for the CC stage (RELION §2.3).
+
+    Args:
+        half1, half2: ``(s0, s0, s0)`` half maps ``[z, y, x]`` at the tilt-series pixel size.
+        box: ``--b``; maps smaller than it are zero-padded, larger ones are an error.
+        mask: optional real-space mask of the maps' size, multiplied into both.
+        names: how the maps are named in error messages (file names, for example).
+
+    Returns:
+        ``refs_ft (2, s, s, s//2+1)`` and ``(spectral_index, fsc)`` of the (masked) half maps,
+        the FSC used when no FSC table is given.
+
+    Raises:
+        InputError: maps of different or non-cubic shapes, larger than the box, or a mask of
+            another size.
+    """
+    half1 = np.asarray(half1, np.float32)
+    half2 = np.asarray(half2, np.float32)
+    if half1.shape != half2.shape or half1.ndim != 3 or len(set(half1.shape)) != 1:
+        raise InputError(
+            f"half maps must be two equal cubes: {names[0]} {half1.shape} vs {names[1]} {half2.shape}"
+        )
+    if half1.shape[0] > box:
+        raise InputError(
+            f"reference {names[0]} is {half1.shape[0]} px, larger than the box --b {box}; "
+            "use a larger --b or a smaller reference"
+        )
+    if mask is not None:
+        mask = np.asarray(mask, np.float32)
+        if mask.shape != half1.shape:
+            raise InputError(f"{names[2]} is {mask.shape}, the half maps {half1.shape}")
+    refs_ft = jnp.stack([imaging.prepare_reference(h, box, mask) for h in (half1, half2)])
+    m = 1.0 if mask is None else mask
+    return refs_ft, imaging.fsc_from_half_maps(half1 * m, half2 * m)
+
+
+_ENVELOPE = jax.jit(
+    imaging.fsc_envelope,
+    static_argnames=("box", "ref_box", "pixel_size_ang", "freq_cutoff_ang", "width", "use_snr"),
+)
+
+
+def reference_envelope(
+    spectral_index, fsc, box: int, pixel_size_ang: float, *, freq_cutoff_ang: float = -1.0,
+    width: float = 5.0, use_snr: bool = False,
+) -> np.ndarray:
+    """``imaging.fsc_envelope`` for a reference padded to ``box`` (compiled once; its eager form
+    dispatches ~100 small operations)."""
+    return np.asarray(
+        _ENVELOPE(
+            np.asarray(spectral_index), np.asarray(fsc, np.float32), box=int(box), ref_box=int(box),
+            pixel_size_ang=float(pixel_size_ang), freq_cutoff_ang=float(freq_cutoff_ang),
+            width=float(width), use_snr=bool(use_snr),
+        )
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("box",))
@@ -288,11 +353,11 @@ def refine_tomogram(
         vis = _visible(u, ts.image_size_px, box) & frame_ok[None, :]
         return u, depth, cdepth, rot, vis
 
-    u_input, *_ = current_geometry(p_cur, x_cur)
+    u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
+    u_input = u
     metrics: dict = {"outer": [], "n_particles": n, "n_tilts": f}
 
     if config.coarse_shift or config.shift_only:
-        u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
         t0 = time.perf_counter()
         sub = np.unique(np.linspace(0, n - 1, min(n, config.coarse_particles)).astype(int))
         cbox = coarse_box(box, config.r)
