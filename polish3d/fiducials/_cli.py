@@ -117,7 +117,8 @@ def run_fiducials(
     result.residuals.to_csv(out / f"{name}_residuals.csv", index=False, float_format="%.4f")
     write_projections_star(out / f"{name}_projections.star", result, name)
     if tset is not None:
-        keep = bool(np.any(np.abs(result.magnification - 1.0) > 1e-12))
+        keep = bool(np.any(np.abs(result.magnification - 1.0) > 1e-12)
+                    or np.any(result.stretch != 0.0) or np.any(result.skew_deg != 0.0))
         tset.with_tilt_series(tomo, projections=result.projections, keep_matrix=keep,
                               image_size_px=result.image_size_px).write(out)
     rep = report_dict(result)
@@ -135,7 +136,9 @@ Opt = typer.Option
 def _fiducials_command(run):
     def fiducials_cmd(
         tracks: Annotated[str, Opt("--tracks", help="Bead tracks: IMOD .fid/.mod (needs "
-                                   "imodmodel) or CSV/STAR with bead, tilt, x, y (px).")] = "",
+                                   "imodmodel) or CSV/STAR with bead, tilt, x, y (px); "
+                                   "bead_id/contour, view/tilt_row/z, x_px/y_px also "
+                                   "accepted.")] = "",
         tlt: Annotated[str, Opt("--tlt", help="Nominal tilt angles: IMOD .tlt or tilt-series "
                                 "STAR (rlnTomoNominalStageTiltAngle).")] = "",
         t: Annotated[str, Opt("--t", help="Tomogram set (tomograms.star): angles, sizes, "
@@ -152,7 +155,25 @@ def _fiducials_command(run):
             "per_tilt"),
         tilt: Annotated[str, Opt("--tilt", help=f"Tilt angles: {MODES_HELP}.")] = "per_tilt",
         mag: Annotated[str, Opt("--mag", help=f"Magnification: {MODES_HELP}.")] = "per_tilt",
-        group_size: Annotated[int, Opt("--group_size", help="Tilts per group (grouped).")] = 5,
+        stretch: Annotated[str, Opt("--stretch", help=f"X-stretch (tiltalign's dmag, "
+                                    f"XStretchOption): {MODES_HELP}.")] = "fixed",
+        skew: Annotated[str, Opt("--skew", help=f"Skew (tiltalign's SkewOption): "
+                                 f"{MODES_HELP}.")] = "fixed",
+        group_size: Annotated[int, Opt("--group_size", help="Tilts per group (grouped), for "
+                                       "every parameter without its own size.")] = 5,
+        rotation_group: Annotated[int, Opt("--rotation_group", help="Tilts per rotation "
+                                           "group; 0: --group_size.")] = 0,
+        tilt_group: Annotated[int, Opt("--tilt_group", help="Tilts per tilt-angle group; 0: "
+                                       "--group_size.")] = 0,
+        mag_group: Annotated[int, Opt("--mag_group", help="Tilts per magnification group; 0: "
+                                      "--group_size.")] = 0,
+        stretch_group: Annotated[int, Opt("--stretch_group", help="Tilts per X-stretch group; "
+                                          "0: --group_size.")] = 0,
+        skew_group: Annotated[int, Opt("--skew_group", help="Tilts per skew group; 0: "
+                                       "--group_size.")] = 0,
+        stretch_ref_tilt: Annotated[int, Opt("--stretch_ref_tilt", help="Tilt index whose "
+                                             "X-stretch and skew are 0; -1: they sum to 0."
+                                             )] = -1,
         robust: Annotated[bool, Opt("--robust", help="Tukey re-weighting of outliers.")] = False,
         ref_tilt: Annotated[int, Opt("--ref_tilt", help="Reference tilt index (mag 1); "
                                      "-1: lowest |tilt|.")] = -1,
@@ -162,9 +183,19 @@ def _fiducials_command(run):
         """Align a tilt series from tracked gold beads (bundle adjustment like tiltalign)."""
 
         def go():
+            for flag, v in (("--group_size", group_size), ("--rotation_group", rotation_group),
+                            ("--tilt_group", tilt_group), ("--mag_group", mag_group),
+                            ("--stretch_group", stretch_group), ("--skew_group", skew_group)):
+                if v < 0 or (v == 0 and flag == "--group_size"):
+                    raise InputError(f"{flag} {v}: expected a positive number of tilts")
             options = FiducialOptions(
-                rotation=rotation, tilt=tilt, magnification=mag, group_size=group_size,
-                ref_tilt=None if ref_tilt < 0 else ref_tilt, robust="tukey" if robust else "none")
+                rotation=rotation, tilt=tilt, magnification=mag, stretch=stretch, skew=skew,
+                group_size=group_size, rotation_group=rotation_group or None,
+                tilt_group=tilt_group or None, mag_group=mag_group or None,
+                stretch_group=stretch_group or None, skew_group=skew_group or None,
+                ref_tilt=None if ref_tilt < 0 else ref_tilt,
+                stretch_ref_tilt=None if stretch_ref_tilt < 0 else stretch_ref_tilt,
+                robust="tukey" if robust else "none")
             _, rep = run_fiducials(
                 tracks=tracks, out_dir=o, tlt=tlt, tomograms=t, tomo=tomo,
                 tilt_axis_deg=tilt_axis, image_size=image_size, tomo_size=tomo_size,
