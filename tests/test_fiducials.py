@@ -486,6 +486,18 @@ def test_jacobian_with_stretch_and_skew_matches_finite_differences():
     assert prob.k[3] == 7 and prob.k[4] == 4
 
 
+def test_param_map_cosine_groups_smaller_at_high_tilt():
+    th = np.deg2rad(np.linspace(-60, 60, 61))
+    order = np.argsort(th)
+    eq = param_map("grouped", 61, order, 5)
+    cs = param_map("grouped", 61, order, 5, group_scale=np.cos(th) ** 1.5)
+    assert eq.shape == cs.shape == (61, 12)
+    assert np.allclose(cs.sum(1), 1) and np.all(cs >= 0)
+    width = (cs > 0).sum(0)  # tilts touched by each group variable
+    assert width[0] < width[6] and width[-1] < width[5]
+    assert np.all((eq > 0).sum(0)[1:-1] == 10)  # equal groups: centres 4.9 tilts apart
+
+
 def test_param_map_two_constraints():
     order = np.arange(11)
     c = np.vstack([np.ones(11), np.tan(np.linspace(-1, 1, 11))])

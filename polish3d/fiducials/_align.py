@@ -38,6 +38,9 @@ class FiducialOptions:
             each parameter (``None``: ``group_size``).
         ref_tilt: index of the reference tilt (magnification fixed to 1);
             ``None``: the aligned tilt with the lowest ``|nominal tilt|``.
+        cosine_groups: like tiltalign's automapping, make ``grouped`` tilt-angle groups
+            ``∝ cos θ`` and X-stretch groups ``∝ cos^1.5 θ`` (smaller at high tilt, same mean
+            size); other parameters keep equal groups (as in tiltalign).
         stretch_ref_tilt: index of the tilt whose X-stretch and skew are fixed at 0
             (tiltalign's choice); ``None``: they sum to 0 over the aligned tilts instead.
         robust: ``none``, ``huber`` (2σ) or ``tukey`` (biweight, 4.685σ) re-weighting of whole
@@ -63,6 +66,7 @@ class FiducialOptions:
     skew_group: int | None = None
     ref_tilt: int | None = None
     stretch_ref_tilt: int | None = None
+    cosine_groups: bool = False
     robust: str = "none"
     robust_c: float | None = None
     robust_iter: int = 20
@@ -423,8 +427,10 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
         c_dist = np.zeros(f)
         c_dist[tilt_of[sref_all]] = 1.0
     # a shear of the beads' z by x, z → z + εx, is taken up by the stretches m_i → m_i − ε tan θ_i
+    cos0 = np.cos(th0)
     b_str = param_map(opt.stretch, f, order, opt.group("stretch"),
-                      constraint=np.vstack([c_dist, np.tan(th0)]))
+                      constraint=np.vstack([c_dist, np.tan(th0)]),
+                      group_scale=cos0**1.5 if opt.cosine_groups else None)
     b_skew = param_map(opt.skew, f, order, opt.group("skew"), constraint=c_dist)
     for nm in ("stretch", "skew"):
         if getattr(opt, nm) == "global":
@@ -438,7 +444,8 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
             notes.append("X-stretch solved: tilt increments constrained by Σ tan θ⁰ (θ − θ⁰) = 0 "
                          "(the tilt magnitude trades off against the specimen thickness)")
     b_tilt = param_map(opt.tilt, f, order, opt.group("tilt"), constraint=c_tilt,
-                       global_column=th0 - th0.mean())
+                       global_column=th0 - th0.mean(),
+                       group_scale=cos0 if opt.cosine_groups else None)
     ic = np.array([w_img // 2, h_img // 2], float)
 
     # start: beads back-projected from their lowest-tilt view at z = 0, then a linear solve

@@ -56,7 +56,8 @@ MODES = ("fixed", "global", "grouped", "per_tilt")
 
 def param_map(mode: str, n_tilts: int, order: np.ndarray, group_size: int,
               constraint: np.ndarray | None = None,
-              global_column: np.ndarray | None = None) -> np.ndarray:
+              global_column: np.ndarray | None = None,
+              group_scale: np.ndarray | None = None) -> np.ndarray:
     """Linear map ``B`` (``(F, k)``) from solved variables to per-tilt parameter increments.
 
     Args:
@@ -65,11 +66,15 @@ def param_map(mode: str, n_tilts: int, order: np.ndarray, group_size: int,
             tilt angle, as tiltalign does), ``per_tilt`` (identity).
         n_tilts: ``F``, the aligned tilts.
         order: tilt indices sorted by nominal tilt angle.
-        group_size: tilts per group (``grouped``).
+        group_size: tilts per group (``grouped``), on average.
         constraint: ``(F,)`` weights ``c`` of a gauge constraint ``Σ_i c_i δ_i = 0`` on the
             increments ``δ = B q`` (one variable is eliminated), a ``(n, F)`` array of ``n``
             such constraints, or ``None``.
         global_column: the ``(F,)`` column used for ``global``.
+        group_scale: ``(F,)`` relative local group size (``grouped``; e.g. ``cos^p θ``, so that
+            groups are smaller at high tilt, as tiltalign's automapping of tilt angles and
+            X-stretch); ``None``: equal groups. Normalised so that the mean group size is
+            ``group_size``.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; expected one of {MODES}")
@@ -86,13 +91,22 @@ def param_map(mode: str, n_tilts: int, order: np.ndarray, group_size: int,
         if n_groups == 1:
             b = np.ones((f, 1))
         else:
-            # rank positions 0..f−1 along the tilt order; group centres evenly spread
-            centres = np.linspace((g - 1) / 2.0, f - 1 - (g - 1) / 2.0, n_groups)
-            rank = np.empty(f)
-            rank[order] = np.arange(f)
+            if group_scale is None:
+                # rank positions 0..f−1 along the tilt order; group centres evenly spread
+                centres = np.linspace((g - 1) / 2.0, f - 1 - (g - 1) / 2.0, n_groups)
+                pos = np.empty(f)
+                pos[order] = np.arange(f)
+            else:
+                # position of each tilt counted in groups along the tilt order (the density of
+                # groups is 1 / local group size); group centres evenly spread in it
+                dens = 1.0 / np.maximum(np.asarray(group_scale, float)[order], 1e-6)
+                dens *= n_groups / dens.sum()
+                pos = np.empty(f)
+                pos[order] = np.cumsum(dens) - dens / 2.0
+                centres = np.linspace(0.5, n_groups - 0.5, n_groups)
             b = np.zeros((f, n_groups))
             for i in range(f):
-                r = np.clip(rank[i], centres[0], centres[-1])
+                r = np.clip(pos[i], centres[0], centres[-1])
                 k = min(int(np.searchsorted(centres, r, side="right")) - 1, n_groups - 2)
                 a = (r - centres[k]) / (centres[k + 1] - centres[k])
                 b[i, k], b[i, k + 1] = 1.0 - a, a

@@ -171,6 +171,9 @@ def _fiducials_command(run):
                                           "0: --group_size.")] = 0,
         skew_group: Annotated[int, Opt("--skew_group", help="Tilts per skew group; 0: "
                                        "--group_size.")] = 0,
+        cosine_groups: Annotated[bool, Opt("--cosine_groups", help="Tilt groups ∝ cos θ and "
+                                           "X-stretch groups ∝ cos^1.5 θ (tiltalign's "
+                                           "automapping).")] = False,
         stretch_ref_tilt: Annotated[int, Opt("--stretch_ref_tilt", help="Tilt index whose "
                                              "X-stretch and skew are 0; -1: they sum to 0."
                                              )] = -1,
@@ -195,7 +198,7 @@ def _fiducials_command(run):
                 stretch_group=stretch_group or None, skew_group=skew_group or None,
                 ref_tilt=None if ref_tilt < 0 else ref_tilt,
                 stretch_ref_tilt=None if stretch_ref_tilt < 0 else stretch_ref_tilt,
-                robust="tukey" if robust else "none")
+                cosine_groups=cosine_groups, robust="tukey" if robust else "none")
             _, rep = run_fiducials(
                 tracks=tracks, out_dir=o, tlt=tlt, tomograms=t, tomo=tomo,
                 tilt_axis_deg=tilt_axis, image_size=image_size, tomo_size=tomo_size,
