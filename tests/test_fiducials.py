@@ -398,8 +398,8 @@ def test_distortion_round_trip_xf_and_star(tmp_path, distorted, monkeypatch):
         r.tomo_size_px,
     )
     x = np.vstack([r.bead_positions_px, [[100.0, 900.0, 128.0 + 120], [900.0, 50.0, 8.0]]])
-    assert np.abs(project_points(p, x) - project_points(r.projections, x)).max() < 2e-3
-    assert np.abs(stretch - r.stretch).max() < 2e-6 and np.abs(skew - r.skew_deg).max() < 2e-4
+    assert np.abs(project_points(p, x) - project_points(r.projections, x)).max() < 5e-4
+    assert np.abs(stretch - r.stretch).max() < 1e-6 and np.abs(skew - r.skew_deg).max() < 5e-5
     assert np.abs(s - r.magnification).max() < 2e-6
     # the .xf maps a raw mid-plane point (z = 0) onto its undistorted aligned position
     xf = xf_from_result(r)

@@ -9,8 +9,11 @@ that maps a raw tilt image to the aligned image, about the image centre ``c``,
 ``u_al = A · (u_raw − c) + D + c``, ``c = (W/2, H/2)`` in IMOD coordinates = ``((W−1)/2,
 (H−1)/2)`` in polish3d pixels. In the aligned image the tilt axis is vertical through ``c`` and
 a bead at ``X`` (tomogram voxels) is at ``[Ry(θ) (X − ⌊tomo/2⌋)]_xy + c``. With the fitted
-``u_raw = M · [Ry(θ) (X − ⌊tomo/2⌋)]_xy + t`` (``M = s R2(ψ)``) this gives ``A = M⁻¹`` and
-``D = M⁻¹ (c − t)``. For even image sizes this is the inverse of RELION 5's IMOD importer
+``u_raw = M · [Ry(θ) (X − ⌊tomo/2⌋)]_xy + t`` for beads in the specimen mid-plane
+(``M = s R2(ψ) [[a, 0], [b, 1]]`` with tiltalign's X-stretch and skew in ``a, b``; ``M = s
+R2(ψ)`` without them) this gives ``A = M⁻¹`` and ``D = M⁻¹ (c − t)``. Off the mid-plane a
+stretched specimen needs tiltalign's z-factors; :func:`geometry_from_xf` rebuilds the exact
+matrices from the ``.xf`` and ``.tlt``. For even image sizes this is the inverse of RELION 5's IMOD importer
 (``shift = −A⁻¹ D − ½`` px, ``ZRot`` = rotation of ``A⁻¹``, ``YTilt`` = ``.tlt``).
 """
 
