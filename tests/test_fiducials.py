@@ -588,3 +588,48 @@ def test_cli_track_errors_exit_2_without_traceback(tmp_path):
                                    str(tmp_path / "a.tlt"), "--tilt_axis", "0", "--image_size",
                                    "100,100", "--o", str(tmp_path / "o"), "--skew", "often"])
     assert res.exit_code == 2 and "--skew" in res.output
+
+
+def test_cli_refuses_to_overwrite_inputs(tmp_path, clean, monkeypatch):
+    import hashlib
+
+    import typer
+    from typer.testing import CliRunner
+
+    from polish3d.cli import _run
+    from polish3d.fiducials import register_cli
+
+    tracks, truth, _ = clean
+    star = _tomogram_set(tmp_path, truth)
+    tracks[["bead", "tilt", "x", "y"]].to_csv(tmp_path / "in" / "tracks.csv", index=False)
+    write_tlt(tmp_path / "in" / "report.txt", truth["nominal_tilt_deg"])  # an input named so
+    app = typer.Typer()
+    register_cli(app, _run)
+
+    @app.command("noop")
+    def _noop() -> None:
+        pass
+
+    def digest():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((tmp_path / "in").rglob("*")) if p.is_file()}
+
+    before = digest()
+    monkeypatch.chdir(tmp_path / "in")
+    for out, expect in ((str(tmp_path / "in" / "."), "tomograms.star"),
+                        ("./", "tomograms.star"),
+                        (str(tmp_path / "in"), "tomograms.star")):
+        res = CliRunner().invoke(app, ["fiducials", "--tracks", "tracks.csv", "--t", str(star),
+                                       "--o", out])
+        assert res.exit_code == 2, res.output
+        assert "overwrite the input" in res.output and expect in res.output
+    # without a tomogram set: a plain output that would replace an input file
+    res = CliRunner().invoke(app, ["fiducials", "--tracks", "tracks.csv", "--tlt", "report.txt",
+                                   "--tilt_axis", "85", "--image_size", "1024,1024", "--o", "."])
+    assert res.exit_code == 2 and "report.txt" in res.output
+    assert digest() == before
+    # a fresh folder is fine
+    res = CliRunner().invoke(app, ["fiducials", "--tracks", "tracks.csv", "--t", str(star),
+                                   "--o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert digest() == before

@@ -22,6 +22,7 @@ from polish3d.fiducials._files import (
     write_xf,
 )
 from polish3d.fiducials._report import report_dict, report_text
+from polish3d.io.star import atomic_write_text
 
 __all__ = ["register_cli", "run_fiducials"]
 
@@ -39,6 +40,26 @@ def _ints(text: str, n: int, flag: str) -> tuple[int, ...] | None:
     if len(vals) != n or min(vals) <= 0:
         raise InputError(f"{flag} {text!r}: expected {n} positive integers separated by commas")
     return vals
+
+
+def _refuse_overwriting_inputs(inputs, planned, tree_out=None, tree_inputs=()) -> None:
+    """InputError when an output would replace an input file (any spelling of the same path),
+    or when the tomogram set written into ``tree_out`` could land on its own input tables
+    (``tree_inputs``: the input ``tomograms.star`` and per-tilt STAR files)."""
+    def key(p):
+        return Path(p).expanduser().resolve()
+
+    ins = {key(p): p for p in inputs if str(p)}
+    for p in planned:
+        if key(p) in ins:
+            raise InputError(f"--o {p.parent}: writing {p.name} there would overwrite the input "
+                             f"{ins[key(p)]}; choose another output folder")
+    if tree_out is not None:
+        root = key(tree_out)
+        for p in tree_inputs:
+            if key(p).is_relative_to(root):
+                raise InputError(f"--o {tree_out}: the tomogram set written there could overwrite "
+                                 f"the input {p}; choose an output folder that holds no input")
 
 
 def run_fiducials(
@@ -107,14 +128,24 @@ def run_fiducials(
         raise InputError("--tilt_axis (degrees from the image y axis, counter-clockwise) is "
                          "required when the tilt-series STAR does not give it")
     name = name or tomo or Path(tracks).stem
+    out = Path(out_dir)
+    tree_inputs = [] if tset is None else \
+        [Path(tomograms)] + [Path(v) for v in tset.tilt_files.values()]
+    inputs = [Path(tracks)] + ([Path(tlt)] if tlt else []) + tree_inputs
+    planned = [out / f"{name}{sfx}" for sfx in (".xf", ".tlt", "_beads.csv", "_residuals.csv",
+                                                "_projections.star")]
+    planned += [out / "report.json", out / "report.txt"]
+    if tset is not None:
+        planned.append(out / "tomograms.star")
+    _refuse_overwriting_inputs(inputs, planned, out if tset is not None else None, tree_inputs)
     result = align_fiducials(df, nominal, tilt_axis_deg, image_px, options=opt,
                              tomo_size_px=tomo_px, pixel_size_ang=pixel_size_ang)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_xf(out / f"{name}.xf", result)
     write_tlt(out / f"{name}.tlt", result.tilt_deg)
     write_beads_csv(out / f"{name}_beads.csv", result)
-    result.residuals.to_csv(out / f"{name}_residuals.csv", index=False, float_format="%.4f")
+    atomic_write_text(out / f"{name}_residuals.csv",
+                      result.residuals.to_csv(index=False, float_format="%.4f"))
     write_projections_star(out / f"{name}_projections.star", result, name)
     if tset is not None:
         keep = bool(np.any(np.abs(result.magnification - 1.0) > 1e-12)
@@ -122,8 +153,8 @@ def run_fiducials(
         tset.with_tilt_series(tomo, projections=result.projections, keep_matrix=keep,
                               image_size_px=result.image_size_px).write(out)
     rep = report_dict(result)
-    (out / "report.json").write_text(json.dumps(rep, indent=1))
-    (out / "report.txt").write_text(report_text(rep))
+    atomic_write_text(out / "report.json", json.dumps(rep, indent=1))
+    atomic_write_text(out / "report.txt", report_text(rep))
     log.info("fiducials %s: residual RMS %.3f px (inliers %.3f px), %d beads, %d tilts → %s",
              name, rep["rms_px"], rep["rms_inliers_px"], rep["n_beads"], rep["n_tilts"], out)
     return result, rep

@@ -26,6 +26,7 @@ import pandas as pd
 
 from polish3d.errors import InputError
 from polish3d.fiducials._align import FiducialResult, normalise_tracks, projection_matrices
+from polish3d.io.star import atomic_write_text
 
 __all__ = [
     "geometry_from_xf",
@@ -168,13 +169,10 @@ def xf_from_result(result: FiducialResult) -> np.ndarray:
 
 
 def write_xf(path, result: FiducialResult) -> Path:
-    """Write the IMOD ``.xf`` of the fitted geometry (see the module docstring)."""
+    """Write the IMOD ``.xf`` of the fitted geometry (see the module docstring), atomically."""
     xf = xf_from_result(result)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("".join(
+    return atomic_write_text(path, "".join(
         f"{r[0]:12.7f}{r[1]:12.7f}{r[2]:12.7f}{r[3]:12.7f}{r[4]:14.4f}{r[5]:14.4f}\n" for r in xf))
-    return p
 
 
 def read_xf(path) -> np.ndarray:
@@ -187,10 +185,7 @@ def read_xf(path) -> np.ndarray:
 
 def write_tlt(path, tilt_deg) -> Path:
     """Write an IMOD ``.tlt`` (one tilt angle per line, degrees)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("".join(f"{v:.5f}\n" for v in np.asarray(tilt_deg, float)))
-    return p
+    return atomic_write_text(path, "".join(f"{v:.5f}\n" for v in np.asarray(tilt_deg, float)))
 
 
 def geometry_from_xf(xf, tilt_deg, image_size_px, tomo_size_px):
@@ -244,10 +239,7 @@ def write_beads_csv(path, result: FiducialResult) -> Path:
         "n_obs": res.groupby("bead").size().reindex(result.bead_ids).to_numpy(),
         "rms_px": rms.reindex(result.bead_ids).to_numpy(),
     })
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(p, index=False, float_format="%.4f")
-    return p
+    return atomic_write_text(path, df.to_csv(index=False, float_format="%.4f"))
 
 
 def write_projections_star(path, result: FiducialResult, name: str = "fiducials") -> Path:
