@@ -459,6 +459,23 @@ def test_grouped_stretch_interpolates_between_group_centres():
     assert _rms(r) == pytest.approx(_ls_floor_rms(r), rel=0.05)
 
 
+def test_grouped_stretch_skew_known_answer():
+    """tiltalign-like grouped distortion (stretch groups of 7, skew groups of 11, linear between
+    centres): the grouped fit reaches the floor and beats the per-tilt fit of the same data."""
+    tracks, truth = simulate_bead_tracks(n_beads=25, n_tilts=61, seed=0, stretch_error=0.01,
+                                         skew_error_deg=0.3, stretch_group=7, skew_group=11)
+    g = _fit(tracks, truth, stretch="grouped", stretch_group=7, skew="grouped", skew_group=11)
+    p = _fit(tracks, truth, stretch="per_tilt", skew="per_tilt")
+    assert _rms(g) == pytest.approx(_ls_floor_rms(g), rel=0.05)
+    assert geometry_error(g.projections, truth, align_gauge=False) < 0.2
+    err_g = np.sqrt(np.mean((g.stretch - truth["stretch"]) ** 2))
+    err_p = np.sqrt(np.mean((p.stretch - truth["stretch"]) ** 2))
+    assert err_g < 0.2 * np.std(truth["stretch"]) and err_g < 0.5 * err_p
+    assert np.sqrt(np.mean((g.skew_deg - truth["skew_deg"]) ** 2)) < 0.1 * np.std(
+        truth["skew_deg"])
+    assert g.n_variables["stretch"] == 7 and g.n_variables["skew"] == 5
+
+
 def test_jacobian_with_stretch_and_skew_matches_finite_differences():
     tracks, truth = simulate_bead_tracks(n_beads=6, n_tilts=9, seed=5, stretch_error=0.02,
                                          skew_error_deg=1.0)

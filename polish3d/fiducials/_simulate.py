@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from polish3d.fiducials._align import projection_matrices
+from polish3d.fiducials._bundle import param_map
 
 __all__ = ["simulate_bead_tracks"]
 
@@ -23,6 +24,8 @@ def simulate_bead_tracks(
     shift_error_px: float = 10.0,
     stretch_error: float = 0.0,
     skew_error_deg: float = 0.0,
+    stretch_group: int | None = None,
+    skew_group: int | None = None,
     outlier_fraction: float = 0.0,
     outlier_px: tuple[float, float] = (5.0, 20.0),
     missing_fraction: float = 0.0,
@@ -49,6 +52,9 @@ def simulate_bead_tracks(
         stretch_error: half-width of the uniform X-stretch ``dmag`` per tilt (unitless; 0.01 is
             a 1 % stretch of the specimen X axis).
         skew_error_deg: standard deviation of the skew angle per tilt (degrees).
+        stretch_group, skew_group: draw the X-stretch / skew at the centres of groups of this
+            many tilts and interpolate linearly between them (what ``grouped`` fits, so the
+            data follow that model exactly); ``None``: independent per tilt.
         outlier_fraction: fraction of observations displaced in a random direction by a
             distance uniform in ``outlier_px`` (px).
         missing_fraction: fraction of observations removed at random (gaps); beads outside the
@@ -74,13 +80,26 @@ def simulate_bead_tracks(
     shifts = rng.normal(0.0, shift_error_px, (n_tilts, 2))
     shifts -= shifts.mean(0)
     # drawn only when asked, so that the undistorted simulations keep their random streams
-    stretch = rng.uniform(-stretch_error, stretch_error, n_tilts) if stretch_error else \
-        np.zeros(n_tilts)
-    if stretch_error:  # the gauge of align_fiducials: Σ m = 0 and Σ tan θ⁰ m = 0
-        c = np.vstack([np.ones(n_tilts), np.tan(np.deg2rad(nominal))])
-        stretch = stretch - c.T @ np.linalg.lstsq(c @ c.T, c @ stretch, rcond=None)[0]
-    skew = rng.normal(0.0, skew_error_deg, n_tilts) if skew_error_deg else np.zeros(n_tilts)
-    skew -= skew.mean()
+    order = np.argsort(nominal, kind="stable")
+    tan0 = np.tan(np.deg2rad(nominal))
+    gauge_m = np.vstack([np.ones(n_tilts), tan0])  # Σ m = 0 and Σ tan θ⁰ m = 0
+    stretch = np.zeros(n_tilts)
+    if stretch_error:
+        if stretch_group:  # grouped: in the span of the fitted basis, gauge included
+            b = param_map("grouped", n_tilts, order, stretch_group, constraint=gauge_m)
+            stretch = b @ rng.uniform(-stretch_error, stretch_error, b.shape[1])
+        else:
+            stretch = rng.uniform(-stretch_error, stretch_error, n_tilts)
+            stretch -= gauge_m.T @ np.linalg.lstsq(gauge_m @ gauge_m.T, gauge_m @ stretch,
+                                                   rcond=None)[0]
+    skew = np.zeros(n_tilts)
+    if skew_error_deg:
+        if skew_group:
+            b = param_map("grouped", n_tilts, order, skew_group, constraint=np.ones(n_tilts))
+            skew = b @ rng.normal(0.0, skew_error_deg, b.shape[1])
+        else:
+            skew = rng.normal(0.0, skew_error_deg, n_tilts)
+            skew -= skew.mean()
     if stretch_error:  # the thickness gauge of align_fiducials: Σ tan θ⁰ (θ − θ⁰) = 0 as well
         c = np.vstack([np.ones(n_tilts), np.tan(np.deg2rad(nominal))])
         d = tilt - nominal
