@@ -552,6 +552,9 @@ def test_track_column_aliases(tmp_path):
     assert "bad.csv" in msg and "particle, frame, u, v" in msg
     for name in ("bead_id", "contour", "tilt_row", "view", "x_px", "y_px"):
         assert name.replace("_", "") in msg.replace("_", "")
+    (tmp_path / "nohead.csv").write_text("0,0,1.5,2.5\n0,1,1.5,2.5\n")
+    with pytest.raises(InputError, match="first line looks like data"):
+        read_tracks(tmp_path / "nohead.csv")
 
 
 def test_track_values_errors_name_file_column_row(tmp_path):

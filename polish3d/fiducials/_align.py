@@ -201,6 +201,14 @@ def _column_key(name) -> str:
     return key[3:] if key.startswith("rln") and len(key) > 3 else key
 
 
+def _is_number(text) -> bool:
+    try:
+        float(str(text).split(".")[0] if str(text).count(".") > 1 else str(text))
+    except ValueError:
+        return False
+    return True
+
+
 def accepted_track_columns() -> str:
     """One line per role listing the accepted column names (for error messages)."""
     return "; ".join(f"{role}: {', '.join(names)}" for role, names in TRACK_COLUMNS.items())
@@ -245,9 +253,13 @@ def normalise_tracks(tracks, source: str = "tracks") -> pd.DataFrame:
     missing = [r for r in TRACK_COLUMNS if r not in chosen]
     if missing:
         have = ", ".join(str(c) for c in df.columns) or "none"
+        hint = ""
+        if len(df.columns) and all(_is_number(c) for c in df.columns):
+            hint = (" The first line looks like data: add a header line naming the columns "
+                    "(e.g. bead,tilt,x,y).")
         raise InputError(
-            f"{source}: no column for {', '.join(missing)} (columns found: {have}). Accepted "
-            f"names (case-insensitive, '_' ignored): {accepted_track_columns()}")
+            f"{source}: no column for {', '.join(missing)} (columns found: {have}).{hint} "
+            f"Accepted names (case-insensitive, '_' ignored): {accepted_track_columns()}")
 
     def numbers(role):
         col = df[chosen[role]]
