@@ -25,15 +25,24 @@ class FiducialOptions:
     """What to solve and how (in the spirit of IMOD's tiltalign).
 
     Attributes:
-        rotation, tilt, magnification: ``fixed`` (keep the start value), ``global`` (one value
-            for the series: a common in-plane rotation offset; a common *stretch* of the tilt
-            angles about their mean, ``θ_i = θ⁰_i + k (θ⁰_i − mean θ⁰)``; for
-            magnification ``global`` is a pure gauge (overall scale) and equals ``fixed``),
-            ``grouped`` (one value per ``group_size`` neighbouring tilts, linearly interpolated
-            between group centres) or ``per_tilt``.
-        group_size: tilts per group for ``grouped`` (tilts ordered by nominal angle).
+        rotation, tilt, magnification, stretch, skew: ``fixed`` (keep the start value),
+            ``global`` (one value for the series: a common in-plane rotation offset; a common
+            *stretch* of the tilt angles about their mean, ``θ_i = θ⁰_i + k (θ⁰_i − mean
+            θ⁰)``; for magnification, X-stretch and skew ``global`` is a pure gauge and equals
+            ``fixed``), ``grouped`` (one value per group of neighbouring tilts, linearly
+            interpolated between group centres) or ``per_tilt``. ``stretch`` is tiltalign's
+            ``dmag`` (an increment of the X magnification, unitless), ``skew`` its skew angle
+            (degrees in outputs); both default to ``fixed`` (no distortion).
+        group_size: tilts per group for every ``grouped`` parameter without its own size.
+        rotation_group, tilt_group, mag_group, stretch_group, skew_group: tilts per group of
+            each parameter (``None``: ``group_size``).
         ref_tilt: index of the reference tilt (magnification fixed to 1);
             ``None``: the aligned tilt with the lowest ``|nominal tilt|``.
+        cosine_groups: like tiltalign's automapping, make ``grouped`` tilt-angle groups
+            ``∝ cos θ`` and X-stretch groups ``∝ cos^1.5 θ`` (smaller at high tilt, same mean
+            size); other parameters keep equal groups (as in tiltalign).
+        stretch_ref_tilt: index of the tilt whose X-stretch and skew are fixed at 0
+            (tiltalign's choice); ``None``: they sum to 0 over the aligned tilts instead.
         robust: ``none``, ``huber`` (2σ) or ``tukey`` (biweight, 4.685σ) re-weighting of whole
             points by their 2D residual; σ from the median residual length.
         robust_c: tuning constant in units of σ (``None``: the defaults above).
@@ -47,8 +56,17 @@ class FiducialOptions:
     rotation: str = "per_tilt"
     tilt: str = "per_tilt"
     magnification: str = "per_tilt"
+    stretch: str = "fixed"
+    skew: str = "fixed"
     group_size: int = 5
+    rotation_group: int | None = None
+    tilt_group: int | None = None
+    mag_group: int | None = None
+    stretch_group: int | None = None
+    skew_group: int | None = None
     ref_tilt: int | None = None
+    stretch_ref_tilt: int | None = None
+    cosine_groups: bool = False
     robust: str = "none"
     robust_c: float | None = None
     robust_iter: int = 20
@@ -56,15 +74,29 @@ class FiducialOptions:
     max_iter: int = 100
     n_largest: int = 20
 
+    FLAGS = {"rotation": "--rotation", "tilt": "--tilt", "magnification": "--mag",
+             "stretch": "--stretch", "skew": "--skew"}
+    GROUPS = {"rotation": "rotation_group", "tilt": "tilt_group", "magnification": "mag_group",
+              "stretch": "stretch_group", "skew": "skew_group"}
+
     def __post_init__(self):
-        for name in ("rotation", "tilt", "magnification"):
+        for name, flag in self.FLAGS.items():
             if getattr(self, name) not in MODES:
-                raise InputError(f"--{name[:3] if name != 'tilt' else 'tilt'} mode "
-                                 f"{getattr(self, name)!r}: expected one of {', '.join(MODES)}")
+                raise InputError(f"{flag} mode {getattr(self, name)!r}: expected one of "
+                                 f"{', '.join(MODES)}")
         if self.robust not in ("none", "huber", "tukey"):
             raise InputError(f"robust {self.robust!r}: expected none, huber or tukey")
         if self.group_size < 1:
             raise InputError("--group_size must be ≥ 1")
+        for g in self.GROUPS.values():
+            v = getattr(self, g)
+            if v is not None and v < 1:
+                raise InputError(f"--{g} must be ≥ 1 (got {v})")
+
+    def group(self, name: str) -> int:
+        """Tilts per group of parameter ``name`` (one of :attr:`FLAGS`)."""
+        v = getattr(self, self.GROUPS[name])
+        return self.group_size if v is None else int(v)
 
 
 @dataclass
@@ -91,10 +123,18 @@ class FiducialResult:
         tilt_axis_deg: the starting tilt-axis angle (degrees).
         ref_tilt: the reference tilt index.
         image_size_px, tomo_size_px, pixel_size_ang: as given (Å/px; 1 if unknown).
-        n_params: number of free parameters after removing the 3 gauge constraints.
+        n_params: number of free parameters after removing the 3 gauge constraints (per-tilt
+            variables, shifts and bead positions).
         sigma_px: noise estimate per coordinate, ``sqrt(Σ w e² / (Σ 2w − n_params))`` (px).
         options: the :class:`FiducialOptions` used.
         notes: human-readable remarks (dropped beads, left-out tilts, gauge choices).
+        stretch: ``(F,)`` X-stretch ``dmag`` (tiltalign's: the X magnification of the specimen
+            plane is ``magnification + stretch``; unitless, 0 when not solved).
+        skew_deg: ``(F,)`` skew angle (degrees; rotation of the specimen X axis towards Y).
+        stretch_ref_tilt: the tilt with stretch and skew fixed at 0, or ``None`` (they sum to
+            0 over the aligned tilts).
+        n_variables: free variables per kind (``rotation``, ``tilt``, ``magnification``,
+            ``stretch``, ``skew``, ``shifts``, ``beads``), after the gauge constraints.
     """
 
     projections: np.ndarray
@@ -116,6 +156,17 @@ class FiducialResult:
     sigma_px: float
     options: FiducialOptions
     notes: list[str] = field(default_factory=list)
+    stretch: np.ndarray | None = None
+    skew_deg: np.ndarray | None = None
+    stretch_ref_tilt: int | None = None
+    n_variables: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        f = self.projections.shape[0]
+        if self.stretch is None:
+            self.stretch = np.zeros(f)
+        if self.skew_deg is None:
+            self.skew_deg = np.zeros(f)
 
     @property
     def n_tilts(self) -> int:
@@ -129,50 +180,147 @@ class FiducialResult:
         return project_points(self.projections, points_px)
 
 
-def normalise_tracks(tracks) -> pd.DataFrame:
+# accepted track column names per role, by priority, after _column_key (lower case, an ``rln``
+# prefix and the characters ``_ - . space`` removed)
+TRACK_COLUMNS = {
+    "bead": ("bead", "beadid", "beadindex", "contour", "contourid", "contourindex", "fiducial",
+             "fiducialid", "fid", "track", "trackid"),
+    "tilt": ("tilt", "tiltindex", "tiltidx", "tiltrow", "view", "viewindex", "section", "z"),
+    "x": ("x", "xpx", "xpixel", "xpixels", "xcoord", "xcoordinate", "coordinatex", "posx",
+          "positionx"),
+    "y": ("y", "ypx", "ypixel", "ypixels", "ycoord", "ycoordinate", "coordinatey", "posy",
+          "positiony"),
+}
+OBJECT_COLUMNS = ("object", "objectid", "obj")  # IMOD objects: contour ids restart per object
+
+
+def _column_key(name) -> str:
+    key = str(name).strip().lower()
+    for ch in "_-. ":
+        key = key.replace(ch, "")
+    return key[3:] if key.startswith("rln") and len(key) > 3 else key
+
+
+def _is_number(text) -> bool:
+    try:
+        float(str(text).split(".")[0] if str(text).count(".") > 1 else str(text))
+    except ValueError:
+        return False
+    return True
+
+
+def accepted_track_columns() -> str:
+    """One line per role listing the accepted column names (for error messages)."""
+    return "; ".join(f"{role}: {', '.join(names)}" for role, names in TRACK_COLUMNS.items())
+
+
+def normalise_tracks(tracks, source: str = "tracks") -> pd.DataFrame:
     """Tracks as a DataFrame with int ``bead``, int ``tilt`` and float ``x``, ``y`` (px).
 
-    Accepts a DataFrame (column names case-insensitive, ``rln`` prefixes and ``_`` ignored),
-    a dict of arrays or an ``(N, 4)`` array ``(bead, tilt, x, y)``.
+    Accepts a DataFrame, a dict of arrays or an ``(N, 4)`` array ``(bead, tilt, x, y)``. Column
+    names are matched case-insensitively, without an ``rln`` prefix and ignoring ``_ - .``
+    and spaces, against :data:`TRACK_COLUMNS` (e.g. ``bead_id``/``contour``, ``tilt_row``/
+    ``view``/``z``, ``x_px``/``y_px``); with a ``contour`` column, an ``object`` column (IMOD)
+    makes each (object, contour) pair one bead.
+
+    Args:
+        tracks: the table.
+        source: what to name in error messages (the file name).
+
+    Raises:
+        InputError: naming the source, column and data row (1-based, header not counted) of
+            a missing column, a value that is not a number, an empty cell or a tilt index or
+            bead id that is not an integer.
     """
     if isinstance(tracks, pd.DataFrame):
         df = tracks
     elif isinstance(tracks, dict):
         df = pd.DataFrame(tracks)
     else:
-        a = np.asarray(tracks, float)
+        a = np.asarray(tracks)
         if a.ndim != 2 or a.shape[1] != 4:
-            raise InputError("tracks: expected columns bead, tilt, x, y")
+            raise InputError(f"{source}: expected columns bead, tilt, x, y")
         df = pd.DataFrame(a, columns=["bead", "tilt", "x", "y"])
-    cols = {}
+    keys: dict[str, list] = {}
     for c in df.columns:
-        key = str(c).lower().replace("_", "")
-        key = key[3:] if key.startswith("rln") else key
-        cols[c] = key
-    df = df.rename(columns=cols)
-    missing = [c for c in ("bead", "tilt", "x", "y") if c not in df.columns]
+        keys.setdefault(_column_key(c), []).append(c)
+    chosen = {}
+    for role, names in TRACK_COLUMNS.items():
+        for nm in names:
+            if nm in keys:
+                chosen[role] = keys[nm][0]
+                break
+    missing = [r for r in TRACK_COLUMNS if r not in chosen]
     if missing:
-        raise InputError(f"tracks: missing column(s) {', '.join(missing)} (need bead, tilt, x, y)")
-    out = pd.DataFrame({
-        "bead": df["bead"].to_numpy().astype(int),
-        "tilt": np.rint(df["tilt"].to_numpy(float)).astype(int),
-        "x": df["x"].to_numpy(float),
-        "y": df["y"].to_numpy(float),
-    })
-    if out[["x", "y"]].isna().any().any():
-        raise InputError("tracks: NaN coordinates")
+        have = ", ".join(str(c) for c in df.columns) or "none"
+        hint = ""
+        if len(df.columns) and all(_is_number(c) for c in df.columns):
+            hint = (" The first line looks like data: add a header line naming the columns "
+                    "(e.g. bead,tilt,x,y).")
+        raise InputError(
+            f"{source}: no column for {', '.join(missing)} (columns found: {have}).{hint} "
+            f"Accepted names (case-insensitive, '_' ignored): {accepted_track_columns()}")
+
+    def numbers(role):
+        col = df[chosen[role]]
+        vals = pd.to_numeric(col, errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raw = col.iloc[r]
+            what = "is empty" if pd.isna(raw) or str(raw).strip() == "" else \
+                f"{raw!r} is not a finite number"
+            raise InputError(f"{source}: column {chosen[role]!r} ({role}), data row {r + 1}: "
+                             f"{what} ({int(bad.sum())} such row(s))")
+        return vals
+
+    def integers(role, what):
+        vals = numbers(role)
+        frac = np.abs(vals - np.rint(vals)) > 1e-6
+        if frac.any():
+            r = int(np.flatnonzero(frac)[0])
+            raise InputError(f"{source}: column {chosen[role]!r}, data row {r + 1}: {what} "
+                             f"{vals[r]:g} must be an integer")
+        return np.rint(vals).astype(np.int64)
+
+    tilt = integers("tilt", "the tilt index (0-based view number, not an angle)")
+    bead = integers("bead", "the bead id")
+    if _column_key(chosen["bead"]).startswith("contour"):
+        obj = next((keys[k][0] for k in OBJECT_COLUMNS if k in keys), None)
+        if obj is not None:
+            chosen["object"] = obj
+            ob = integers("object", "the object number")
+            bead = pd.factorize(pd.Series(list(zip(ob, bead, strict=True))))[0].astype(np.int64)
+    return pd.DataFrame({"bead": bead, "tilt": tilt, "x": numbers("x"), "y": numbers("y")})
+
+
+def distortion_matrices(magnification, stretch=None, skew_deg=None) -> np.ndarray:
+    """tiltalign's in-plane distortion, ``(F, 3, 3)``, divided by the magnification ``s``.
+
+    ``D'/1 = [[(1 + m/s) cos δ, 0, 0], [(1 + m/s) sin δ, 1, 0], [0, 0, 1]]`` with the X-stretch
+    ``m`` (``dmag``) and the skew ``δ``; identity without distortion.
+    """
+    s = np.atleast_1d(np.asarray(magnification, float))
+    m = np.zeros_like(s) if stretch is None else np.asarray(stretch, float)
+    d = np.zeros_like(s) if skew_deg is None else np.deg2rad(np.asarray(skew_deg, float))
+    out = np.broadcast_to(np.eye(3), (len(s), 3, 3)).copy()
+    xm = 1.0 + m / s
+    out[:, 0, 0] = xm * np.cos(d)
+    out[:, 1, 0] = xm * np.sin(d)
     return out
 
 
 def projection_matrices(rotation_deg, tilt_deg, magnification, shifts_px, image_size_px,
-                        tomo_size_px) -> np.ndarray:
-    """``P = T(t) · diag(s, s, 1) · Rz(ψ) · Ry(θ) · T(−⌊tomo/2⌋)`` with ``t = shift + ⌊(W,H)/2⌋``.
+                        tomo_size_px, stretch=None, skew_deg=None) -> np.ndarray:
+    """``P = T(t) · diag(s, s, 1) · Rz(ψ) · Ry(θ) · D' · T(−⌊tomo/2⌋)``, ``t = shift + ⌊(W,H)/2⌋``.
 
     Args:
         rotation_deg, tilt_deg: ``(F,)`` ψ and θ (degrees).
         magnification: ``(F,)`` s.
         shifts_px: ``(F, 2)`` (px).
         image_size_px: ``(W, H)``; tomo_size_px: ``(w0, h0, d0)``.
+        stretch, skew_deg: ``(F,)`` tiltalign's X-stretch ``dmag`` (unitless) and skew
+            (degrees); ``D'`` is :func:`distortion_matrices` (identity when omitted).
 
     Returns:
         ``(F, 4, 4)`` projection matrices (polish3d convention).
@@ -180,6 +328,8 @@ def projection_matrices(rotation_deg, tilt_deg, magnification, shifts_px, image_
     from polish3d.geometry import rot_y, rot_z
 
     a = rot_z(rotation_deg) @ rot_y(tilt_deg)
+    if stretch is not None or skew_deg is not None:
+        a = a @ distortion_matrices(magnification, stretch, skew_deg)
     a[:, :2, :] *= np.asarray(magnification, float)[:, None, None]
     c_int = np.array([int(v) // 2 for v in tomo_size_px], float)
     ic = np.array([int(v) // 2 for v in image_size_px], float)
@@ -196,7 +346,7 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
                     pixel_size_ang: float | None = None) -> FiducialResult:
     """Bundle-adjust per-tilt geometry and 3D bead positions to tracked 2D bead positions.
 
-    Minimises ``Σ w_ij |u_ij(θ_i, ψ_i, s_i, t_i, X_j) − obs_ij|²`` jointly over the per-tilt
+    Minimises ``Σ w_ij |u_ij(θ_i, ψ_i, s_i, m_i, δ_i, t_i, X_j) − obs_ij|²`` jointly over the per-tilt
     parameters selected by ``options`` and all bead positions (Levenberg–Marquardt with an
     analytic sparse Jacobian; IRLS for robust weights). See ``polish3d.fiducials._bundle`` for
     the model and the gauge.
@@ -229,8 +379,11 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
     if bad.any():
         first_bad = int(df["tilt"][bad].iloc[0])
         raise InputError(f"tracks: tilt index {first_bad} outside 0..{f_all - 1}")
-    if df.duplicated(["bead", "tilt"]).any():
-        raise InputError("tracks: a bead has more than one position on the same tilt")
+    dup = df.duplicated(["bead", "tilt"])
+    if dup.any():
+        r = df[dup].iloc[0]
+        raise InputError(f"tracks: bead {int(r['bead'])} has more than one position on tilt "
+                         f"{int(r['tilt'])} ({int(dup.sum())} duplicated (bead, tilt) pair(s))")
     notes: list[str] = []
 
     # tilts with enough beads are aligned; then beads seen on ≥ 2 aligned tilts are kept
@@ -268,20 +421,48 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
     th0 = np.deg2rad(theta_nom[tilt_ids])
     ps0 = np.deg2rad(axis[tilt_ids])
     order = np.argsort(th0, kind="stable")
-    b_rot = param_map(opt.rotation, f, order, opt.group_size)
+    b_rot = param_map(opt.rotation, f, order, opt.group("rotation"))
     e_ref = np.zeros(f)
     e_ref[ref] = 1.0
-    b_tilt = param_map(opt.tilt, f, order, opt.group_size, constraint=np.ones(f),
-                       global_column=th0 - th0.mean())
-    b_mag = param_map(opt.magnification, f, order, opt.group_size, constraint=e_ref)
+    b_mag = param_map(opt.magnification, f, order, opt.group("magnification"), constraint=e_ref)
     if opt.magnification == "global":
         notes.append("magnification 'global' is the overall scale (a gauge): kept fixed at 1")
+    # X-stretch and skew: a common value is a gauge (the beads absorb it), fixed either at a
+    # reference tilt (tiltalign) or by a zero sum over the aligned tilts
+    sref_all = opt.stretch_ref_tilt
+    if sref_all is None:
+        c_dist = np.ones(f)
+    else:
+        sref_all = int(sref_all)
+        if not (0 <= sref_all < f_all) or not aligned[sref_all]:
+            raise InputError(f"--stretch_ref_tilt {sref_all}: not an aligned tilt index")
+        c_dist = np.zeros(f)
+        c_dist[tilt_of[sref_all]] = 1.0
+    # a shear of the beads' z by x, z → z + εx, is taken up by the stretches m_i → m_i − ε tan θ_i
+    cos0 = np.cos(th0)
+    b_str = param_map(opt.stretch, f, order, opt.group("stretch"),
+                      constraint=np.vstack([c_dist, np.tan(th0)]),
+                      group_scale=cos0**1.5 if opt.cosine_groups else None)
+    b_skew = param_map(opt.skew, f, order, opt.group("skew"), constraint=c_dist)
+    for nm in ("stretch", "skew"):
+        if getattr(opt, nm) == "global":
+            notes.append(f"{nm} 'global' is a common distortion of the beads (a gauge): kept 0")
+    # tilt: a common offset is a gauge; with X-stretch solved, so is (exactly when both are per
+    # tilt) the tilt magnitude against the specimen thickness
+    c_tilt = np.ones(f)
+    if b_str.shape[1]:
+        c_tilt = np.vstack([c_tilt, np.tan(th0)])
+        if opt.tilt != "fixed":
+            notes.append("X-stretch solved: tilt increments constrained by Σ tan θ⁰ (θ − θ⁰) = 0 "
+                         "(the tilt magnitude trades off against the specimen thickness)")
+    b_tilt = param_map(opt.tilt, f, order, opt.group("tilt"), constraint=c_tilt,
+                       global_column=th0 - th0.mean(),
+                       group_scale=cos0 if opt.cosine_groups else None)
     ic = np.array([w_img // 2, h_img // 2], float)
 
     # start: beads back-projected from their lowest-tilt view at z = 0, then a linear solve
     # for shifts and positions at the nominal angles, then the full problem
-    p_lin = BundleProblem(ti, bj, uv, ps0, th0, np.zeros((f, 0)), np.zeros((f, 0)),
-                          np.zeros((f, 0)), ic)
+    p_lin = BundleProblem(ti, bj, uv, ps0, th0, None, None, None, ic)
     x0 = np.zeros((len(bead_ids), 3))
     first = np.lexsort((np.abs(th0[ti]), bj))
     first = first[np.r_[True, bj[first][1:] != bj[first][:-1]]]
@@ -290,12 +471,13 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
         c, s = np.cos(-ps0[ti[k]]), np.sin(-ps0[ti[k]])
         q = np.array([c * d[0] - s * d[1], s * d[0] + c * d[1]])
         x0[bj[k]] = [q[0] / max(np.cos(th0[ti[k]]), 0.2), q[1], 0.0]
-    p = p_lin.pack([], [], [], np.tile(ic, (f, 1)), x0)
+    p = p_lin.pack([], np.tile(ic, (f, 1)), x0)
     weights = np.ones(len(ti))
     p, _, _ = levenberg_marquardt(p_lin, p, weights, max_iter=10)
-    prob = BundleProblem(ti, bj, uv, ps0, th0, b_rot, b_tilt, b_mag, ic)
-    _, _, _, t_lin, x_lin = p_lin.split(p)
-    p = prob.pack(np.zeros(prob.k[0]), np.zeros(prob.k[1]), np.zeros(prob.k[2]), t_lin, x_lin)
+    prob = BundleProblem(ti, bj, uv, ps0, th0, b_rot, b_tilt, b_mag, ic, b_stretch=b_str,
+                         b_skew=b_skew)
+    _, t_lin, x_lin = p_lin.split(p)
+    p = prob.pack(prob.zero_variables(), t_lin, x_lin)
     p, _, _ = levenberg_marquardt(prob, p, weights, max_iter=opt.max_iter)
 
     if opt.robust != "none":
@@ -310,19 +492,24 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
             if change < 1e-3 and kind == schedule[-1]:
                 break
 
-    psi, theta, s, t = prob.per_tilt(p)
-    x_rel = prob.split(p)[4]
+    psi, theta, s, dmag, skew, t = prob.per_tilt(p)
+    x_rel = prob.split(p)[2]
     rot_deg = axis.copy()
     tilt_deg = theta_nom.copy()
     mag = np.ones(f_all)
+    stretch = np.zeros(f_all)
+    skew_deg = np.zeros(f_all)
     shifts = np.zeros((f_all, 2))
     rot_deg[tilt_ids] = np.rad2deg(psi)
     tilt_deg[tilt_ids] = np.rad2deg(theta)
     mag[tilt_ids] = s
+    stretch[tilt_ids] = dmag
+    skew_deg[tilt_ids] = np.rad2deg(skew)
     shifts[tilt_ids] = t - ic
     for i in np.flatnonzero(~aligned):
         shifts[i] = shifts[tilt_ids[np.argmin(np.abs(theta_nom[tilt_ids] - theta_nom[i]))]]
-    proj = projection_matrices(rot_deg, tilt_deg, mag, shifts, (w_img, h_img), tomo_size_px)
+    proj = projection_matrices(rot_deg, tilt_deg, mag, shifts, (w_img, h_img), tomo_size_px,
+                               stretch=stretch, skew_deg=skew_deg)
     c_int = np.array([v // 2 for v in tomo_size_px], float)
 
     e = prob.predict(p) - uv
@@ -340,6 +527,9 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
         bead_positions_px=x_rel + c_int, residuals=res, nominal_tilt_deg=theta_nom,
         tilt_axis_deg=float(axis[0]), ref_tilt=ref_all, image_size_px=(w_img, h_img),
         tomo_size_px=tomo_size_px, pixel_size_ang=float(pixel_size_ang or 1.0),
-        n_params=int(n_free), sigma_px=sigma, options=opt, notes=notes,
+        n_params=int(n_free), sigma_px=sigma, options=opt, notes=notes, stretch=stretch,
+        skew_deg=skew_deg, stretch_ref_tilt=sref_all,
+        n_variables={**dict(zip(BundleProblem.KINDS, map(int, prob.k), strict=True)),
+                     "shifts": 2 * f - 2, "beads": 3 * len(bead_ids) - 1},
     )
 

@@ -22,6 +22,7 @@ from polish3d.fiducials._files import (
     write_xf,
 )
 from polish3d.fiducials._report import report_dict, report_text
+from polish3d.io.star import atomic_write_text
 
 __all__ = ["register_cli", "run_fiducials"]
 
@@ -39,6 +40,26 @@ def _ints(text: str, n: int, flag: str) -> tuple[int, ...] | None:
     if len(vals) != n or min(vals) <= 0:
         raise InputError(f"{flag} {text!r}: expected {n} positive integers separated by commas")
     return vals
+
+
+def _refuse_overwriting_inputs(inputs, planned, tree_out=None, tree_inputs=()) -> None:
+    """InputError when an output would replace an input file (any spelling of the same path),
+    or when the tomogram set written into ``tree_out`` could land on its own input tables
+    (``tree_inputs``: the input ``tomograms.star`` and per-tilt STAR files)."""
+    def key(p):
+        return Path(p).expanduser().resolve()
+
+    ins = {key(p): p for p in inputs if str(p)}
+    for p in planned:
+        if key(p) in ins:
+            raise InputError(f"--o {p.parent}: writing {p.name} there would overwrite the input "
+                             f"{ins[key(p)]}; choose another output folder")
+    if tree_out is not None:
+        root = key(tree_out)
+        for p in tree_inputs:
+            if key(p).is_relative_to(root):
+                raise InputError(f"--o {tree_out}: the tomogram set written there could overwrite "
+                                 f"the input {p}; choose an output folder that holds no input")
 
 
 def run_fiducials(
@@ -107,22 +128,33 @@ def run_fiducials(
         raise InputError("--tilt_axis (degrees from the image y axis, counter-clockwise) is "
                          "required when the tilt-series STAR does not give it")
     name = name or tomo or Path(tracks).stem
+    out = Path(out_dir)
+    tree_inputs = [] if tset is None else \
+        [Path(tomograms)] + [Path(v) for v in tset.tilt_files.values()]
+    inputs = [Path(tracks)] + ([Path(tlt)] if tlt else []) + tree_inputs
+    planned = [out / f"{name}{sfx}" for sfx in (".xf", ".tlt", "_beads.csv", "_residuals.csv",
+                                                "_projections.star")]
+    planned += [out / "report.json", out / "report.txt"]
+    if tset is not None:
+        planned.append(out / "tomograms.star")
+    _refuse_overwriting_inputs(inputs, planned, out if tset is not None else None, tree_inputs)
     result = align_fiducials(df, nominal, tilt_axis_deg, image_px, options=opt,
                              tomo_size_px=tomo_px, pixel_size_ang=pixel_size_ang)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_xf(out / f"{name}.xf", result)
     write_tlt(out / f"{name}.tlt", result.tilt_deg)
     write_beads_csv(out / f"{name}_beads.csv", result)
-    result.residuals.to_csv(out / f"{name}_residuals.csv", index=False, float_format="%.4f")
+    atomic_write_text(out / f"{name}_residuals.csv",
+                      result.residuals.to_csv(index=False, float_format="%.4f"))
     write_projections_star(out / f"{name}_projections.star", result, name)
     if tset is not None:
-        keep = bool(np.any(np.abs(result.magnification - 1.0) > 1e-12))
+        keep = bool(np.any(np.abs(result.magnification - 1.0) > 1e-12)
+                    or np.any(result.stretch != 0.0) or np.any(result.skew_deg != 0.0))
         tset.with_tilt_series(tomo, projections=result.projections, keep_matrix=keep,
                               image_size_px=result.image_size_px).write(out)
     rep = report_dict(result)
-    (out / "report.json").write_text(json.dumps(rep, indent=1))
-    (out / "report.txt").write_text(report_text(rep))
+    atomic_write_text(out / "report.json", json.dumps(rep, indent=1))
+    atomic_write_text(out / "report.txt", report_text(rep))
     log.info("fiducials %s: residual RMS %.3f px (inliers %.3f px), %d beads, %d tilts → %s",
              name, rep["rms_px"], rep["rms_inliers_px"], rep["n_beads"], rep["n_tilts"], out)
     return result, rep
@@ -135,7 +167,9 @@ Opt = typer.Option
 def _fiducials_command(run):
     def fiducials_cmd(
         tracks: Annotated[str, Opt("--tracks", help="Bead tracks: IMOD .fid/.mod (needs "
-                                   "imodmodel) or CSV/STAR with bead, tilt, x, y (px).")] = "",
+                                   "imodmodel) or CSV/STAR with bead, tilt, x, y (px); "
+                                   "bead_id/contour, view/tilt_row/z, x_px/y_px also "
+                                   "accepted.")] = "",
         tlt: Annotated[str, Opt("--tlt", help="Nominal tilt angles: IMOD .tlt or tilt-series "
                                 "STAR (rlnTomoNominalStageTiltAngle).")] = "",
         t: Annotated[str, Opt("--t", help="Tomogram set (tomograms.star): angles, sizes, "
@@ -152,7 +186,28 @@ def _fiducials_command(run):
             "per_tilt"),
         tilt: Annotated[str, Opt("--tilt", help=f"Tilt angles: {MODES_HELP}.")] = "per_tilt",
         mag: Annotated[str, Opt("--mag", help=f"Magnification: {MODES_HELP}.")] = "per_tilt",
-        group_size: Annotated[int, Opt("--group_size", help="Tilts per group (grouped).")] = 5,
+        stretch: Annotated[str, Opt("--stretch", help=f"X-stretch (tiltalign's dmag, "
+                                    f"XStretchOption): {MODES_HELP}.")] = "fixed",
+        skew: Annotated[str, Opt("--skew", help=f"Skew (tiltalign's SkewOption): "
+                                 f"{MODES_HELP}.")] = "fixed",
+        group_size: Annotated[int, Opt("--group_size", help="Tilts per group (grouped), for "
+                                       "every parameter without its own size.")] = 5,
+        rotation_group: Annotated[int, Opt("--rotation_group", help="Tilts per rotation "
+                                           "group; 0: --group_size.")] = 0,
+        tilt_group: Annotated[int, Opt("--tilt_group", help="Tilts per tilt-angle group; 0: "
+                                       "--group_size.")] = 0,
+        mag_group: Annotated[int, Opt("--mag_group", help="Tilts per magnification group; 0: "
+                                      "--group_size.")] = 0,
+        stretch_group: Annotated[int, Opt("--stretch_group", help="Tilts per X-stretch group; "
+                                          "0: --group_size.")] = 0,
+        skew_group: Annotated[int, Opt("--skew_group", help="Tilts per skew group; 0: "
+                                       "--group_size.")] = 0,
+        cosine_groups: Annotated[bool, Opt("--cosine_groups", help="Tilt groups ∝ cos θ and "
+                                           "X-stretch groups ∝ cos^1.5 θ (tiltalign's "
+                                           "automapping).")] = False,
+        stretch_ref_tilt: Annotated[int, Opt("--stretch_ref_tilt", help="Tilt index whose "
+                                             "X-stretch and skew are 0; -1: they sum to 0."
+                                             )] = -1,
         robust: Annotated[bool, Opt("--robust", help="Tukey re-weighting of outliers.")] = False,
         ref_tilt: Annotated[int, Opt("--ref_tilt", help="Reference tilt index (mag 1); "
                                      "-1: lowest |tilt|.")] = -1,
@@ -162,9 +217,19 @@ def _fiducials_command(run):
         """Align a tilt series from tracked gold beads (bundle adjustment like tiltalign)."""
 
         def go():
+            for flag, v in (("--group_size", group_size), ("--rotation_group", rotation_group),
+                            ("--tilt_group", tilt_group), ("--mag_group", mag_group),
+                            ("--stretch_group", stretch_group), ("--skew_group", skew_group)):
+                if v < 0 or (v == 0 and flag == "--group_size"):
+                    raise InputError(f"{flag} {v}: expected a positive number of tilts")
             options = FiducialOptions(
-                rotation=rotation, tilt=tilt, magnification=mag, group_size=group_size,
-                ref_tilt=None if ref_tilt < 0 else ref_tilt, robust="tukey" if robust else "none")
+                rotation=rotation, tilt=tilt, magnification=mag, stretch=stretch, skew=skew,
+                group_size=group_size, rotation_group=rotation_group or None,
+                tilt_group=tilt_group or None, mag_group=mag_group or None,
+                stretch_group=stretch_group or None, skew_group=skew_group or None,
+                ref_tilt=None if ref_tilt < 0 else ref_tilt,
+                stretch_ref_tilt=None if stretch_ref_tilt < 0 else stretch_ref_tilt,
+                cosine_groups=cosine_groups, robust="tukey" if robust else "none")
             _, rep = run_fiducials(
                 tracks=tracks, out_dir=o, tlt=tlt, tomograms=t, tomo=tomo,
                 tilt_axis_deg=tilt_axis, image_size=image_size, tomo_size=tomo_size,

@@ -9,8 +9,11 @@ that maps a raw tilt image to the aligned image, about the image centre ``c``,
 ``u_al = A · (u_raw − c) + D + c``, ``c = (W/2, H/2)`` in IMOD coordinates = ``((W−1)/2,
 (H−1)/2)`` in polish3d pixels. In the aligned image the tilt axis is vertical through ``c`` and
 a bead at ``X`` (tomogram voxels) is at ``[Ry(θ) (X − ⌊tomo/2⌋)]_xy + c``. With the fitted
-``u_raw = M · [Ry(θ) (X − ⌊tomo/2⌋)]_xy + t`` (``M = s R2(ψ)``) this gives ``A = M⁻¹`` and
-``D = M⁻¹ (c − t)``. For even image sizes this is the inverse of RELION 5's IMOD importer
+``u_raw = M · [Ry(θ) (X − ⌊tomo/2⌋)]_xy + t`` for beads in the specimen mid-plane
+(``M = s R2(ψ) [[a, 0], [b, 1]]`` with tiltalign's X-stretch and skew in ``a, b``; ``M = s
+R2(ψ)`` without them) this gives ``A = M⁻¹`` and ``D = M⁻¹ (c − t)``. Off the mid-plane a
+stretched specimen needs tiltalign's z-factors; :func:`geometry_from_xf` rebuilds the exact
+matrices from the ``.xf`` and ``.tlt``. For even image sizes this is the inverse of RELION 5's IMOD importer
 (``shift = −A⁻¹ D − ½`` px, ``ZRot`` = rotation of ``A⁻¹``, ``YTilt`` = ``.tlt``).
 """
 
@@ -23,6 +26,7 @@ import pandas as pd
 
 from polish3d.errors import InputError
 from polish3d.fiducials._align import FiducialResult, normalise_tracks, projection_matrices
+from polish3d.io.star import atomic_write_text
 
 __all__ = [
     "geometry_from_xf",
@@ -46,8 +50,13 @@ def read_tracks(path) -> pd.DataFrame:
     * ``.fid``/``.mod``: IMOD fiducial model (needs the optional package ``imodmodel``,
       ``pip install polish3d[imod]``): one bead per contour, ``tilt`` = section ``z``,
       ``x, y`` shifted by −0.5 px into the polish3d frame.
-    * ``.csv``/``.tsv``/``.txt``: table with columns ``bead, tilt, x, y``.
-    * ``.star``: a loop block with ``bead, tilt, x, y`` (``rln`` prefixes allowed).
+    * ``.csv``/``.tsv``/``.txt``: table with columns ``bead, tilt, x, y``, or the names other
+      tools write (``bead_id``/``contour``, ``tilt_row``/``view``/``z``, ``x_px``/``y_px``, …;
+      see :data:`~polish3d.fiducials._align.TRACK_COLUMNS`); extra columns are ignored.
+    * ``.star``: a loop block with such columns (``rln`` prefixes allowed).
+
+    Raises:
+        InputError: naming the file, the column and the data row of what cannot be read.
     """
     p = Path(path)
     if not p.is_file():
@@ -72,20 +81,20 @@ def read_tracks(path) -> pd.DataFrame:
             "bead": bead, "tilt": np.rint(df["z"].to_numpy(float)).astype(int),
             "x": df["x"].to_numpy(float) - IMOD_PIXEL_OFFSET,
             "y": df["y"].to_numpy(float) - IMOD_PIXEL_OFFSET,
-        }))
+        }), source=str(p))
     if suffix == ".star":
         from polish3d.io.star import read_star
 
         loops = [b for b in read_star(p).values() if isinstance(b, pd.DataFrame)]
         if not loops:
             raise InputError(f"{p}: no loop table with bead, tilt, x, y")
-        return normalise_tracks(loops[0])
+        return normalise_tracks(loops[0], source=str(p))
     sep = "\t" if suffix == ".tsv" else None
     try:
         df = pd.read_csv(p, sep=sep, engine="python", comment="#")
     except Exception as exc:
         raise InputError(f"cannot read tracks table {p}: {exc}") from exc
-    return normalise_tracks(df)
+    return normalise_tracks(df, source=str(p))
 
 
 def read_tilt_angles(path) -> np.ndarray:
@@ -121,12 +130,37 @@ def _xf_centre(image_size_px) -> np.ndarray:
     return np.array([(w - 1) / 2.0, (h - 1) / 2.0])
 
 
+def _inplane_matrices(rotation_deg, magnification, tilt_deg, stretch=None, skew_deg=None):
+    """``M = s R2(ψ) [[a, 0], [b, 1]]``: raw image ← aligned image for the specimen mid-plane.
+
+    ``a = (1 + m/s) cos δ`` and ``b = (1 + m/s) sin δ / cos θ`` (X-stretch ``m``, skew ``δ``):
+    a point at ``z = 0`` with undistorted aligned position ``w = [Ry(θ) X]_xy`` is seen at
+    ``M w + t``; without distortion ``M = s R2(ψ)``.
+    """
+    psi = np.deg2rad(np.asarray(rotation_deg, float))
+    s = np.asarray(magnification, float)
+    f = len(s)
+    m = np.zeros(f) if stretch is None else np.asarray(stretch, float)
+    d = np.zeros(f) if skew_deg is None else np.deg2rad(np.asarray(skew_deg, float))
+    c = np.cos(np.deg2rad(np.asarray(tilt_deg, float)))
+    xm = 1.0 + m / s
+    dist = np.zeros((f, 2, 2))
+    dist[:, 0, 0] = xm * np.cos(d)
+    dist[:, 1, 0] = xm * np.sin(d) / c
+    dist[:, 1, 1] = 1.0
+    r = np.stack([np.stack([np.cos(psi), -np.sin(psi)], -1),
+                  np.stack([np.sin(psi), np.cos(psi)], -1)], -2)
+    return s[:, None, None] * r @ dist
+
+
 def xf_from_result(result: FiducialResult) -> np.ndarray:
-    """``(F, 6)`` IMOD transforms ``A11 A12 A21 A22 DX DY`` of the fitted geometry."""
-    psi = np.deg2rad(result.rotation_deg)
-    s = result.magnification
-    m = np.stack([np.stack([np.cos(psi), -np.sin(psi)], -1),
-                  np.stack([np.sin(psi), np.cos(psi)], -1)], -2) * s[:, None, None]
+    """``(F, 6)`` IMOD transforms ``A11 A12 A21 A22 DX DY`` of the fitted geometry.
+
+    ``A = M⁻¹`` with ``M`` the in-plane matrix of rotation, magnification, X-stretch and skew
+    (:func:`_inplane_matrices`); exact for the specimen mid-plane (``z = 0``), as tiltalign's.
+    """
+    m = _inplane_matrices(result.rotation_deg, result.magnification, result.tilt_deg,
+                          result.stretch, result.skew_deg)
     a = np.linalg.inv(m)
     ic = np.array([v // 2 for v in result.image_size_px], float)
     t = result.shifts_px + ic
@@ -135,13 +169,10 @@ def xf_from_result(result: FiducialResult) -> np.ndarray:
 
 
 def write_xf(path, result: FiducialResult) -> Path:
-    """Write the IMOD ``.xf`` of the fitted geometry (see the module docstring)."""
+    """Write the IMOD ``.xf`` of the fitted geometry (see the module docstring), atomically."""
     xf = xf_from_result(result)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("".join(
+    return atomic_write_text(path, "".join(
         f"{r[0]:12.7f}{r[1]:12.7f}{r[2]:12.7f}{r[3]:12.7f}{r[4]:14.4f}{r[5]:14.4f}\n" for r in xf))
-    return p
 
 
 def read_xf(path) -> np.ndarray:
@@ -154,29 +185,44 @@ def read_xf(path) -> np.ndarray:
 
 def write_tlt(path, tilt_deg) -> Path:
     """Write an IMOD ``.tlt`` (one tilt angle per line, degrees)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("".join(f"{v:.5f}\n" for v in np.asarray(tilt_deg, float)))
-    return p
+    return atomic_write_text(path, "".join(f"{v:.5f}\n" for v in np.asarray(tilt_deg, float)))
 
 
 def geometry_from_xf(xf, tilt_deg, image_size_px, tomo_size_px):
     """Projection matrices from IMOD ``.xf`` rows and ``.tlt`` angles (inverse of writing).
 
+    ``A⁻¹ = M = s R2(ψ) [[a, 0], [b, 1]]`` is decomposed exactly: its second column gives
+    ``s`` and ``ψ``, then ``a = (1 + m/s) cos δ`` and ``b cos θ = (1 + m/s) sin δ`` give the
+    X-stretch ``m`` and the skew ``δ`` (tiltalign's distortion, see
+    :func:`~polish3d.fiducials._align.distortion_matrices`). An ``.xf`` without distortion
+    gives ``m = δ = 0``.
+
     Returns:
-        ``(projections (F, 4, 4), rotation_deg, magnification, shifts_px (F, 2))``; the
-        magnification is ``sqrt(det A⁻¹)`` (any skew in ``A`` is dropped).
+        ``(projections (F, 4, 4), rotation_deg, magnification, shifts_px (F, 2), stretch,
+        skew_deg)``.
     """
     xf = np.asarray(xf, float)
+    tilt_deg = np.asarray(tilt_deg, float)
+    if len(tilt_deg) != len(xf):
+        raise InputError(f".xf has {len(xf)} lines but there are {len(tilt_deg)} tilt angles")
     a = xf[:, :4].reshape(-1, 2, 2)
     m = np.linalg.inv(a)
-    s = np.sqrt(np.abs(np.linalg.det(m)))
-    rot = np.rad2deg(np.arctan2(m[:, 1, 0], m[:, 0, 0]))
+    s = np.hypot(m[:, 0, 1], m[:, 1, 1])
+    psi = np.arctan2(-m[:, 0, 1], m[:, 1, 1])
+    c, sn = np.cos(psi), np.sin(psi)
+    col_a = (c * m[:, 0, 0] + sn * m[:, 1, 0]) / s
+    col_b = (-sn * m[:, 0, 0] + c * m[:, 1, 0]) / s
+    col_b = col_b * np.cos(np.deg2rad(tilt_deg))
+    xm = np.hypot(col_a, col_b)
+    skew = np.rad2deg(np.arctan2(col_b, col_a))
+    stretch = (xm - 1.0) * s
+    rot = np.rad2deg(psi)
     t = _xf_centre(image_size_px) - np.einsum("fij,fj->fi", m, xf[:, 4:])
     ic = np.array([v // 2 for v in image_size_px], float)
     shifts = t - ic
-    proj = projection_matrices(rot, tilt_deg, s, shifts, image_size_px, tomo_size_px)
-    return proj, rot, s, shifts
+    proj = projection_matrices(rot, tilt_deg, s, shifts, image_size_px, tomo_size_px,
+                               stretch=stretch, skew_deg=skew)
+    return proj, rot, s, shifts, stretch, skew
 
 
 def write_beads_csv(path, result: FiducialResult) -> Path:
@@ -193,18 +239,17 @@ def write_beads_csv(path, result: FiducialResult) -> Path:
         "n_obs": res.groupby("bead").size().reindex(result.bead_ids).to_numpy(),
         "rms_px": rms.reindex(result.bead_ids).to_numpy(),
     })
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(p, index=False, float_format="%.4f")
-    return p
+    return atomic_write_text(path, df.to_csv(index=False, float_format="%.4f"))
 
 
 def write_projections_star(path, result: FiducialResult, name: str = "fiducials") -> Path:
     """A per-tilt STAR table ``data_<name>`` with the fitted geometry.
 
     Columns: ``rlnTomoNominalStageTiltAngle``, RELION 5's Euler/shift columns (for the pixel
-    size of the result) and ``rlnTomoProjX/Y/Z/W`` (the exact matrices, which RELION 5 reads
-    first), plus ``rlnTomoMagnification`` (polish3d: ``s_i``, informative).
+    size of the result; they cannot hold magnification or distortion) and
+    ``rlnTomoProjX/Y/Z/W`` (the exact matrices with magnification, X-stretch and skew, which
+    RELION 5 reads first), plus the informative polish3d columns ``rlnTomoMagnification``
+    (``s_i``), ``rlnTomoXStretch`` (tiltalign's ``dmag``) and ``rlnTomoSkewAngle`` (degrees).
     """
     from polish3d.geometry import projection_to_euler
     from polish3d.io.star import write_star
@@ -216,4 +261,6 @@ def write_projections_star(path, result: FiducialResult, name: str = "fiducials"
     for r, lab in enumerate(("rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ", "rlnTomoProjW")):
         df[lab] = [list(result.projections[j, r]) for j in range(result.n_tilts)]
     df["rlnTomoMagnification"] = result.magnification
+    df["rlnTomoXStretch"] = result.stretch
+    df["rlnTomoSkewAngle"] = result.skew_deg
     return write_star(path, {name: df})

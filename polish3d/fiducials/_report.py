@@ -24,7 +24,11 @@ def report_dict(result: FiducialResult) -> dict:
     compare directly with a per-axis tracking noise; ``mean_residual_px`` is the mean 2D
     residual length (what tiltalign calls the residual error mean). ``rms_inliers`` uses the
     points with robust weight ≥ 0.5; ``sigma_px`` is the weighted noise estimate with the
-    degrees of freedom removed (``FiducialResult.sigma_px``).
+    degrees of freedom removed (``FiducialResult.sigma_px``). ``n_params`` counts every free
+    parameter (per-tilt variables, shifts, bead positions; gauge removed), ``n_variables`` the
+    same per kind, and ``n_variables_tiltalign`` the count tiltalign prints: per-tilt geometry
+    variables plus ``3 (beads − 1)`` bead coordinates, without the shifts (tiltalign solves
+    them in closed form from the per-view means).
     """
     res = result.residuals
     px = result.pixel_size_ang
@@ -40,6 +44,8 @@ def report_dict(result: FiducialResult) -> dict:
             "tilt_deg": float(result.tilt_deg[i]),
             "rotation_deg": float(result.rotation_deg[i]),
             "magnification": float(result.magnification[i]),
+            "stretch": float(result.stretch[i]),
+            "skew_deg": float(result.skew_deg[i]),
             "shift_x_px": float(result.shifts_px[i, 0]),
             "shift_y_px": float(result.shifts_px[i, 1]),
             "aligned": bool(result.aligned[i]),
@@ -69,7 +75,10 @@ def report_dict(result: FiducialResult) -> dict:
         "n_beads": len(result.bead_ids),
         "n_observations": len(res),
         "n_params": result.n_params,
+        "n_variables": dict(result.n_variables),
+        "n_variables_tiltalign": _tiltalign_count(result),
         "ref_tilt": result.ref_tilt,
+        "stretch_ref_tilt": result.stretch_ref_tilt,
         "tilt_axis_deg": result.tilt_axis_deg,
         "image_size_px": list(result.image_size_px),
         "tomo_size_px": list(result.tomo_size_px),
@@ -91,14 +100,24 @@ def report_dict(result: FiducialResult) -> dict:
     }
 
 
+def _tiltalign_count(result: FiducialResult) -> int:
+    nv = result.n_variables
+    if not nv:
+        return 0
+    geom = sum(nv.get(k, 0) for k in ("rotation", "tilt", "magnification", "stretch", "skew"))
+    return int(geom + 3 * (len(result.bead_ids) - 1))
+
+
 def report_text(rep: dict) -> str:
     """Human-readable tables of :func:`report_dict`."""
     px = rep["pixel_size_ang"]
     out = [
         "polish3d fiducials — bead bundle adjustment",
         f"tilts {rep['n_tilts']} (aligned {rep['n_aligned_tilts']}), beads {rep['n_beads']}, "
-        f"observations {rep['n_observations']}, free parameters {rep['n_params']}, "
+        f"observations {rep['n_observations']}, free parameters {rep['n_params']} "
+        f"(tiltalign's count, without shifts: {rep.get('n_variables_tiltalign', 0)}), "
         f"reference tilt {rep['ref_tilt']}, pixel size {px:g} Å",
+        "variables: " + ", ".join(f"{k} {v}" for k, v in rep.get("n_variables", {}).items()),
         f"residual RMS per coordinate: all {rep['rms_px']:.3f} px ({rep['rms_ang']:.2f} Å), "
         f"inliers {rep['rms_inliers_px']:.3f} px ({rep['rms_inliers_ang']:.2f} Å); "
         f"mean 2D residual {rep['mean_residual_px']:.3f} px; noise estimate "
@@ -108,12 +127,13 @@ def report_text(rep: dict) -> str:
     out += [f"note: {n}" for n in rep["notes"]]
     out += ["", "per tilt:",
             f"{'tilt':>4} {'nominal':>8} {'fitted':>8} {'rotation':>9} {'mag':>8} "
-            f"{'shift_x':>8} {'shift_y':>8} {'n':>4} {'rms_px':>7} {'rms_Å':>7}"]
+            f"{'dmag':>8} {'skew':>7} {'shift_x':>8} {'shift_y':>8} {'n':>4} {'rms_px':>7} {'rms_Å':>7}"]
     for t in rep["per_tilt"]:
         flag = "" if t["aligned"] else "  (not aligned)"
         out.append(
             f"{t['index']:4d} {t['nominal_tilt_deg']:8.2f} {t['tilt_deg']:8.3f} "
-            f"{t['rotation_deg']:9.3f} {t['magnification']:8.5f} {t['shift_x_px']:8.2f} "
+            f"{t['rotation_deg']:9.3f} {t['magnification']:8.5f} {t.get('stretch', 0.0):8.5f} "
+            f"{t.get('skew_deg', 0.0):7.3f} {t['shift_x_px']:8.2f} "
             f"{t['shift_y_px']:8.2f} {t['n_obs']:4d} {t['rms_px']:7.3f} {t['rms_ang']:7.2f}{flag}")
     out += ["", "per bead:",
             f"{'bead':>5} {'x_px':>9} {'y_px':>9} {'z_px':>9} {'n':>4} {'rms_px':>7} {'rms_Å':>7}"]

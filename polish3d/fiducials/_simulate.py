@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from polish3d.fiducials._align import projection_matrices
+from polish3d.fiducials._bundle import param_map
 
 __all__ = ["simulate_bead_tracks"]
 
@@ -21,6 +22,10 @@ def simulate_bead_tracks(
     tilt_error_deg: float = 0.3,
     mag_error: float = 0.01,
     shift_error_px: float = 10.0,
+    stretch_error: float = 0.0,
+    skew_error_deg: float = 0.0,
+    stretch_group: int | None = None,
+    skew_group: int | None = None,
     outlier_fraction: float = 0.0,
     outlier_px: tuple[float, float] = (5.0, 20.0),
     missing_fraction: float = 0.0,
@@ -35,12 +40,21 @@ def simulate_bead_tracks(
     ± 10 px), spread over the central 80 % of the tomogram in x and y. Per tilt: in-plane
     rotation ``ψ_i = tilt_axis + N(0, rotation_error)``, tilt ``θ_i = nominal + N(0,
     tilt_error)``, magnification ``s_i ∈ 1 ± mag_error`` (uniform), shift ``N(0,
-    shift_error)`` per axis. The truth obeys the gauge of :func:`align_fiducials` (mean bead
-    depth 0, shifts and tilt-angle errors summing to 0, ``s = 1`` at the lowest-|tilt| view).
+    shift_error)`` per axis, and tiltalign's specimen distortion: X-stretch ``dmag`` uniform
+    within ``± stretch_error`` and skew ``N(0, skew_error_deg)``. The truth obeys the gauge of
+    :func:`align_fiducials` (mean bead depth 0, shifts, tilt-angle errors, stretches and skews
+    summing to 0, ``Σ tan θ⁰ (θ − θ⁰) = 0`` and ``Σ tan θ⁰ dmag = 0`` when there is
+    stretch, ``s = 1`` at the lowest-|tilt| view).
 
     Args:
         n_beads, n_tilts: sizes; tilts evenly spaced over ``±tilt_range_deg`` (degrees).
         noise_px: Gaussian tracking noise per coordinate (px).
+        stretch_error: half-width of the uniform X-stretch ``dmag`` per tilt (unitless; 0.01 is
+            a 1 % stretch of the specimen X axis).
+        skew_error_deg: standard deviation of the skew angle per tilt (degrees).
+        stretch_group, skew_group: draw the X-stretch / skew at the centres of groups of this
+            many tilts and interpolate linearly between them (what ``grouped`` fits, so the
+            data follow that model exactly); ``None``: independent per tilt.
         outlier_fraction: fraction of observations displaced in a random direction by a
             distance uniform in ``outlier_px`` (px).
         missing_fraction: fraction of observations removed at random (gaps); beads outside the
@@ -50,7 +64,8 @@ def simulate_bead_tracks(
     Returns:
         ``(tracks, truth)``: tracks with ``bead``, ``tilt``, ``x``, ``y`` (px) and ``outlier``
         (bool); truth with ``projections`` ``(F, 4, 4)``, ``bead_positions_px`` ``(B, 3)``,
-        ``tilt_deg``, ``rotation_deg``, ``magnification``, ``shifts_px``,
+        ``tilt_deg``, ``rotation_deg``, ``magnification``, ``stretch``, ``skew_deg``,
+        ``shifts_px``,
         ``nominal_tilt_deg``, ``tilt_axis_deg``, ``ref_tilt``, ``image_size_px``,
         ``tomo_size_px``.
     """
@@ -64,6 +79,31 @@ def simulate_bead_tracks(
     mag[ref] = 1.0
     shifts = rng.normal(0.0, shift_error_px, (n_tilts, 2))
     shifts -= shifts.mean(0)
+    # drawn only when asked, so that the undistorted simulations keep their random streams
+    order = np.argsort(nominal, kind="stable")
+    tan0 = np.tan(np.deg2rad(nominal))
+    gauge_m = np.vstack([np.ones(n_tilts), tan0])  # Σ m = 0 and Σ tan θ⁰ m = 0
+    stretch = np.zeros(n_tilts)
+    if stretch_error:
+        if stretch_group:  # grouped: in the span of the fitted basis, gauge included
+            b = param_map("grouped", n_tilts, order, stretch_group, constraint=gauge_m)
+            stretch = b @ rng.uniform(-stretch_error, stretch_error, b.shape[1])
+        else:
+            stretch = rng.uniform(-stretch_error, stretch_error, n_tilts)
+            stretch -= gauge_m.T @ np.linalg.lstsq(gauge_m @ gauge_m.T, gauge_m @ stretch,
+                                                   rcond=None)[0]
+    skew = np.zeros(n_tilts)
+    if skew_error_deg:
+        if skew_group:
+            b = param_map("grouped", n_tilts, order, skew_group, constraint=np.ones(n_tilts))
+            skew = b @ rng.normal(0.0, skew_error_deg, b.shape[1])
+        else:
+            skew = rng.normal(0.0, skew_error_deg, n_tilts)
+            skew -= skew.mean()
+    if stretch_error:  # the thickness gauge of align_fiducials: Σ tan θ⁰ (θ − θ⁰) = 0 as well
+        c = np.vstack([np.ones(n_tilts), np.tan(np.deg2rad(nominal))])
+        d = tilt - nominal
+        tilt = nominal + d - c.T @ np.linalg.lstsq(c @ c.T, c @ d, rcond=None)[0]
     w0, h0, _ = tomo_size_px
     xy = rng.uniform(-0.4, 0.4, (n_beads, 2)) * np.array([w0, h0])
     z = np.where(np.arange(n_beads) % 2 == 0, 1.0, -1.0) * bead_depth_px
@@ -71,7 +111,8 @@ def simulate_bead_tracks(
     z -= z.mean()
     c_int = np.array([v // 2 for v in tomo_size_px], float)
     beads = np.column_stack([xy, z]) + c_int
-    proj = projection_matrices(rot, tilt, mag, shifts, image_size_px, tomo_size_px)
+    proj = projection_matrices(rot, tilt, mag, shifts, image_size_px, tomo_size_px,
+                               stretch=stretch, skew_deg=skew)
     uv = np.einsum("fij,nj->fni", proj[:, :2, :3], beads) + proj[:, None, :2, 3]
     ti, bj = np.meshgrid(np.arange(n_tilts), np.arange(n_beads), indexing="ij")
     ti, bj = ti.ravel(), bj.ravel()
@@ -89,7 +130,8 @@ def simulate_bead_tracks(
                            "outlier": outlier})
     truth = {
         "projections": proj, "bead_positions_px": beads, "tilt_deg": tilt, "rotation_deg": rot,
-        "magnification": mag, "shifts_px": shifts, "nominal_tilt_deg": nominal,
+        "magnification": mag, "stretch": stretch, "skew_deg": skew, "shifts_px": shifts,
+        "nominal_tilt_deg": nominal,
         "tilt_axis_deg": tilt_axis_deg, "ref_tilt": ref, "image_size_px": tuple(image_size_px),
         "tomo_size_px": tuple(tomo_size_px),
     }
