@@ -50,13 +50,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROJ_LABELS = ("rlnTomoProjX", "rlnTomoProjY", "rlnTomoProjZ", "rlnTomoProjW")
-EULER_LABELS = (
-    "rlnTomoXTilt",
-    "rlnTomoYTilt",
-    "rlnTomoZRot",
-    "rlnTomoXShiftAngst",
-    "rlnTomoYShiftAngst",
-)
+TILT_ANGLE_LABELS = ("rlnTomoXTilt", "rlnTomoYTilt", "rlnTomoZRot")
+TILT_SHIFT_LABELS = ("rlnTomoXShiftAngst", "rlnTomoYShiftAngst")
+EULER_LABELS = TILT_ANGLE_LABELS + TILT_SHIFT_LABELS
+#: per-tilt columns of an unaligned (imported) tilt series: present without alignment means
+#: the set was never aligned, and identity projections would be silently wrong
+NOMINAL_TILT_LABELS = ("rlnTomoNominalStageTiltAngle", "rlnTomoNominalTiltAxisAngle")
 CENTRED_LABELS = (
     "rlnCenteredCoordinateXAngst",
     "rlnCenteredCoordinateYAngst",
@@ -145,6 +144,17 @@ def _require_columns(table: pd.DataFrame, labels: Iterable[str], where: str) -> 
         raise InputError(f"{where}: missing mandatory column(s) {', '.join(missing)}")
 
 
+def _plain(value) -> str:
+    """A cell for a message: numbers as plain text (``nan``, ``0.5``, ``3``), text quoted."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    return repr(str(value))
+
+
 def _numeric(table: pd.DataFrame, label: str, where: str, *, finite: bool = True) -> np.ndarray:
     """A numeric column as float64; InputError naming the column on non-numbers/non-finite."""
     col = pd.to_numeric(table[label], errors="coerce").to_numpy(dtype=np.float64)
@@ -152,9 +162,20 @@ def _numeric(table: pd.DataFrame, label: str, where: str, *, finite: bool = True
         bad = int(np.flatnonzero(~np.isfinite(col))[0])
         raise InputError(
             f"{where}: column {label} has a non-finite or non-numeric value "
-            f"{table[label].iloc[bad]!r} in row {bad + 1}"
+            f"{_plain(table[label].iloc[bad])} in row {bad + 1}"
         )
     return col
+
+
+def _positive(values, label: str, where: str, what: str) -> None:
+    """InputError naming the column unless every value is > 0 (they are already finite)."""
+    v = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if v.size and not np.all(v > 0):
+        bad = int(np.flatnonzero(~(v > 0))[0])
+        row = f" in row {bad + 1}" if v.size > 1 else ""
+        raise InputError(
+            f"{where}: column {label} must be a positive {what}, got {_plain(v[bad])}{row}"
+        )
 
 
 def _optional(table, label, default, where) -> np.ndarray:
@@ -164,17 +185,31 @@ def _optional(table, label, default, where) -> np.ndarray:
 
 
 def _scalar(row: pd.Series, label: str, where: str, default=None) -> float:
-    if label not in row.index or (isinstance(row[label], float) and np.isnan(row[label])):
+    if label not in row.index:
         if default is None:
             raise InputError(f"{where}: missing mandatory column {label}")
         return float(default)
+    if default is not None and isinstance(row[label], float) and np.isnan(row[label]):
+        return float(default)  # an empty cell of an optional column (tables of mixed origin)
     try:
         v = float(row[label])
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{where}: column {label} is not a number: {row[label]!r}") from exc
+        raise InputError(f"{where}: column {label} is not a number: {_plain(row[label])}") from exc
     if not np.isfinite(v):
-        raise InputError(f"{where}: column {label} is not finite: {row[label]!r}")
+        raise InputError(f"{where}: column {label} is not finite: {_plain(row[label])}")
     return v
+
+
+def _tomogram_geometry(row: pd.Series, where: str) -> tuple[float, tuple[int, int, int]]:
+    """``(rlnTomoTiltSeriesPixelSize Å/px, (rlnTomoSizeX, Y, Z) px)``, checked to be > 0."""
+    px = _scalar(row, "rlnTomoTiltSeriesPixelSize", where)
+    _positive(px, "rlnTomoTiltSeriesPixelSize", where, "pixel size in Å/px")
+    size = []
+    for a in "XYZ":
+        v = _scalar(row, f"rlnTomoSize{a}", where)
+        _positive(v, f"rlnTomoSize{a}", where, "tomogram size in pixels")
+        size.append(int(v))
+    return px, (size[0], size[1], size[2])
 
 
 def _split_image_name(cell) -> tuple[str, int]:
@@ -446,8 +481,7 @@ class TomogramSet:
         for lab in ("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ", "rlnTomoTiltSeriesPixelSize"):
             if lab not in row.index:
                 raise InputError(f"{self.source}: block data_global lacks mandatory column {lab}")
-        tomo_size = tuple(int(_scalar(row, f"rlnTomoSize{a}", where_g)) for a in "XYZ")
-        px = _scalar(row, "rlnTomoTiltSeriesPixelSize", where_g)
+        px, tomo_size = _tomogram_geometry(row, where_g)
         _require_columns(
             table,
             ("rlnMicrographPreExposure", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"),
@@ -496,39 +530,71 @@ class TomogramSet:
         )
 
     def _projections(self, name, table, px, image_size, tomo_size) -> np.ndarray:
+        """The ``(F, 4, 4)`` projections of one per-tilt table.
+
+        ``rlnTomoProjX..W`` when all four are present (RELION 4, WarpTools; RELION reads them in
+        preference); otherwise ``rlnTomoXTilt/YTilt/ZRot`` (all three required once any of the
+        five Euler/shift columns is present) and ``rlnTomoX/YShiftAngst`` (missing: 0 Å, with a
+        warning). A table with none of these is read as identity projections (as RELION does)
+        unless it has nominal tilt angles, i.e. was never aligned.
+        """
         where_t = self._table_where(name)
         n = len(table)
-        if all(c in table.columns for c in PROJ_LABELS):
-            rows = [_vector_rows(table, lab, where_t) for lab in PROJ_LABELS]
-            p = np.zeros((n, 4, 4))
-            for r, lab in enumerate(PROJ_LABELS):
-                for j, v in enumerate(rows[r]):
-                    if v.size != 4:
-                        raise InputError(
-                            f"{where_t}: column {lab} row {j + 1} has {v.size} values, expected 4"
-                        )
-                    p[j, r] = v
-            if not np.all(np.isfinite(p)):
-                raise InputError(f"{where_t}: non-finite value in rlnTomoProjX/Y/Z/W")
-            return p
-        if all(c in table.columns for c in EULER_LABELS[1:]):
-            vals = {lab: _optional(table, lab, 0.0, where_t) for lab in EULER_LABELS}
-            return geometry.projection_from_euler(
-                vals["rlnTomoXTilt"],
-                vals["rlnTomoYTilt"],
-                vals["rlnTomoZRot"],
-                vals["rlnTomoXShiftAngst"],
-                vals["rlnTomoYShiftAngst"],
-                pixel_size_ang=px,
-                image_size_px=image_size,
-                tomo_size_px=tomo_size,
+        cols = set(table.columns)
+        proj = [c for c in PROJ_LABELS if c in cols]
+        if proj:
+            missing = [c for c in PROJ_LABELS if c not in cols]
+            if missing:
+                raise InputError(
+                    f"{where_t}: column(s) {', '.join(missing)} missing while "
+                    f"{', '.join(proj)} present (the projection matrices need all of "
+                    f"{'/'.join(PROJ_LABELS)})"
+                )
+            return self._matrices(table, where_t)
+        present = [c for c in EULER_LABELS if c in cols]
+        if not present:
+            nominal = [c for c in NOMINAL_TILT_LABELS if c in cols]
+            if nominal:
+                raise InputError(
+                    f"{where_t}: no alignment columns ({', '.join(TILT_ANGLE_LABELS)} or "
+                    f"{'/'.join(PROJ_LABELS)}) but nominal angles ({', '.join(nominal)}): the "
+                    f"tilt series has not been aligned"
+                )
+            log.warning(
+                "%s: neither rlnTomoProjX/Y/Z/W nor rlnTomoXTilt/YTilt/ZRot; using identity "
+                "projections (as RELION does)",
+                where_t,
             )
-        log.warning(
-            "%s: neither rlnTomoProjX/Y/Z/W nor rlnTomoYTilt/ZRot/X/YShiftAngst; using identity "
-            "projections (as RELION does)",
-            where_t,
+            return np.broadcast_to(np.eye(4), (n, 4, 4)).copy()
+        for lab in TILT_ANGLE_LABELS:
+            if lab not in cols:
+                raise InputError(
+                    f"{where_t}: missing column {lab} while {', '.join(present)} present (the "
+                    f"projections need all of {', '.join(TILT_ANGLE_LABELS)})"
+                )
+        no_shift = [c for c in TILT_SHIFT_LABELS if c not in cols]
+        if no_shift:
+            log.warning("%s: no column(s) %s; taking the shifts as 0 Å", where_t, ", ".join(no_shift))
+        vals = {lab: _optional(table, lab, 0.0, where_t) for lab in EULER_LABELS}
+        return geometry.projection_from_euler(
+            *(vals[lab] for lab in EULER_LABELS),
+            pixel_size_ang=px,
+            image_size_px=image_size,
+            tomo_size_px=tomo_size,
         )
-        return np.broadcast_to(np.eye(4), (n, 4, 4)).copy()
+
+    @staticmethod
+    def _matrices(table, where_t) -> np.ndarray:
+        """``rlnTomoProjX..W`` vector cells as ``(F, 4, 4)`` (rows X, Y, Z, W)."""
+        p = np.zeros((len(table), 4, 4))
+        for r, lab in enumerate(PROJ_LABELS):
+            for j, v in enumerate(_vector_rows(table, lab, where_t)):
+                if v.size != 4:
+                    raise InputError(f"{where_t}: column {lab} row {j + 1} has {v.size} values, expected 4")
+                p[j, r] = v
+        if not np.all(np.isfinite(p)):
+            raise InputError(f"{where_t}: non-finite value in rlnTomoProjX/Y/Z/W")
+        return p
 
     def _deformation(self, name, row, table) -> Deformation | None:
         if not ("rlnTomoDeformationGridSizeX" in row.index and "rlnTomoDeformationGridSizeY" in row.index):
@@ -603,9 +669,7 @@ class TomogramSet:
             p = np.asarray(projections, dtype=np.float64)
             if p.shape != (n, 4, 4):
                 raise ValueError(f"{name}: projections must have shape ({n}, 4, 4), got {p.shape}")
-            where_g = f"{self.source} (tomogram {name})"
-            px = _scalar(row, "rlnTomoTiltSeriesPixelSize", where_g)
-            tomo_size = tuple(int(_scalar(row, f"rlnTomoSize{a}", where_g)) for a in "XYZ")
+            px, tomo_size = _tomogram_geometry(row, f"{self.source} (tomogram {name})")
             if image_size_px is None:
                 image_size_px = self._image_sizes.get(name)
             if image_size_px is None:
@@ -957,6 +1021,7 @@ class ParticleSet:
             return np.full(len(rows), float(default))
         where_o = f"{self.source} (block data_optics)"
         ps = _numeric(o, "rlnTomoTiltSeriesPixelSize", where_o)
+        _positive(ps, "rlnTomoTiltSeriesPixelSize", where_o, "pixel size in Å/px")
         if "rlnOpticsGroup" not in rows.columns or "rlnOpticsGroup" not in o.columns:
             if len(o) > 1:
                 raise InputError(f"{self._where}: missing column rlnOpticsGroup ({len(o)} groups)")
@@ -970,11 +1035,11 @@ class ParticleSet:
             out = np.array([lut[g] for g in groups], dtype=np.float64)
         if out.size and np.any(np.abs(out - default) > 1e-3 * default):
             log.warning(
-                "%s: optics pixel size %s differs from the tilt series' %s; using the optics value"
-                " (as RELION does)",
+                "%s: optics pixel size %s Å/px differs from the tilt series' %s Å/px; using the "
+                "optics value (as RELION does)",
                 self._where,
-                np.unique(out),
-                default,
+                ", ".join(f"{v:g}" for v in np.unique(out)),
+                f"{default:g}",
             )
         return out
 
