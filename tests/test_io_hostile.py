@@ -190,23 +190,29 @@ def test_warptools_relion4_tables_are_read_as_matrices(tmp_path):
 
 @pytest.mark.parametrize("value", [0.0, -8.0, np.nan, np.inf], ids=["zero", "negative", "nan", "inf"])
 def test_bad_pixel_size_in_tomograms_star(small_project, value):
+    """Refused on reading the set (not after refining the tomograms before it)."""
     out, _, _ = small_project()
     _edit_global(out, "rlnTomoTiltSeriesPixelSize", value)
     with pytest.raises(InputError) as e:
-        _read(out)
+        read_tomogram_set(out / "tomograms.star", project_dir=out)
     msg = _one_line(e)
-    assert "tomograms.star" in msg and "rlnTomoTiltSeriesPixelSize" in msg
+    assert "tomograms.star (block data_global): column rlnTomoTiltSeriesPixelSize" in msg
     if np.isfinite(value):
         assert f"must be a positive pixel size in Å/px, got {value}" in msg
     else:
-        assert f"not finite: {value}" in msg
+        assert f"non-finite or non-numeric value {value} in row 1" in msg
 
 
-def test_bad_pixel_size_when_writing_new_geometry(small_project):
+@pytest.mark.parametrize("value", [0.0, np.nan])
+def test_bad_pixel_size_of_a_set_changed_in_memory(small_project, value):
+    """The per-tomogram readers and the geometry writer check it too."""
     out, ts, _ = small_project()
-    _edit_global(out, "rlnTomoTiltSeriesPixelSize", 0.0)
     s = read_tomogram_set(out / "tomograms.star", project_dir=out)
-    with pytest.raises(InputError, match=r"tomograms.star.*rlnTomoTiltSeriesPixelSize.*got 0.0"):
+    s.global_table["rlnTomoTiltSeriesPixelSize"] = value
+    expected = r"tomograms.star \(tomogram TS_01\): column rlnTomoTiltSeriesPixelSize"
+    with pytest.raises(InputError, match=expected):
+        s.tilt_series("TS_01")
+    with pytest.raises(InputError, match=expected):
         s.with_tilt_series("TS_01", ts.projections)
 
 
@@ -215,7 +221,7 @@ def test_zero_tomogram_size(small_project, column):
     out, _, _ = small_project()
     _edit_global(out, column, 0)
     with pytest.raises(InputError) as e:
-        _read(out)
+        read_tomogram_set(out / "tomograms.star", project_dir=out)
     msg = _one_line(e)
     assert f"column {column} must be a positive tomogram size in pixels, got 0" in msg
 
@@ -224,14 +230,20 @@ def test_zero_tomogram_size(small_project, column):
 def test_bad_pixel_size_in_optics(small_project, value):
     out, ts, _ = small_project()
     blocks = read_star(out / "particles.star")
+    good = blocks["optics"].copy()
     blocks["optics"].loc[0, "rlnTomoTiltSeriesPixelSize"] = value
     write_star(out / "particles.star", blocks)
-    ps = read_particle_set(out / "particles.star")
     with pytest.raises(InputError) as e:
-        ps.for_tomogram(ts)
+        read_particle_set(out / "particles.star")
     msg = _one_line(e)
     assert "particles.star (block data_optics)" in msg
     assert f"rlnTomoTiltSeriesPixelSize must be a positive pixel size in Å/px, got {value}" in msg
+    # and where the pixel sizes are used, for a set changed in memory
+    write_star(out / "particles.star", dict(blocks, optics=good))
+    ps = read_particle_set(out / "particles.star")
+    ps.optics = blocks["optics"]
+    with pytest.raises(InputError, match=r"data_optics.*must be a positive pixel size"):
+        ps.for_tomogram(ts)
 
 
 # --------------------------------------------------------------------------- truncated rows
@@ -289,3 +301,33 @@ def test_non_numeric_value_is_printed_plainly(small_project):
         _read(out)
     msg = _one_line(e)
     assert "column rlnDefocusV has a non-finite or non-numeric value nan in row 2" in msg
+
+
+def test_cli_pixel_size_zero_is_a_clear_error(small_project, tmp_path, monkeypatch):
+    """`polish3d align` on a set with pixel size 0: exit 2 and one line naming file and column
+    (it used to end in ``LinAlgError: SVD did not converge``); the inputs are not touched."""
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from polish3d.cli import app
+    from polish3d.io import write_map
+
+    out, _, _ = small_project()
+    _edit_global(out, "rlnTomoTiltSeriesPixelSize", 0.0)
+    rng = np.random.default_rng(0)
+    for name in ("half1", "half2"):
+        write_map(out / f"{name}.mrc", rng.normal(size=(16, 16, 16)).astype(np.float32), 10.0)
+    inputs = sorted(p for p in out.rglob("*") if p.is_file())
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs}
+    monkeypatch.chdir(out)
+    res = CliRunner().invoke(
+        app,
+        ["align", "--i", "optimisation_set.star", "--ref1", "half1.mrc", "--ref2", "half2.mrc",
+         "--b", "16", "--r", "2", "--j", "1", "--o", str(tmp_path / "job")],
+    )
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "LinAlgError" not in res.output
+    assert "tomograms.star (block data_global): column rlnTomoTiltSeriesPixelSize must be a " \
+           "positive pixel size in Å/px, got 0.0" in res.output
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs} == before

@@ -200,6 +200,22 @@ def _scalar(row: pd.Series, label: str, where: str, default=None) -> float:
     return v
 
 
+#: columns that must be finite and > 0 wherever they are present (pixel size first)
+_SIZE_COLUMNS = (
+    ("rlnTomoTiltSeriesPixelSize", "pixel size in Å/px"),
+    ("rlnTomoSizeX", "tomogram size in pixels"),
+    ("rlnTomoSizeY", "tomogram size in pixels"),
+    ("rlnTomoSizeZ", "tomogram size in pixels"),
+)
+
+
+def _check_positive_columns(table: pd.DataFrame, columns, where: str) -> None:
+    """Fail early (on reading, not after hours of refinement) on a size that is not > 0."""
+    for label, what in columns:
+        if label in table.columns:
+            _positive(_numeric(table, label, where), label, where, what)
+
+
 def _tomogram_geometry(row: pd.Series, where: str) -> tuple[float, tuple[int, int, int]]:
     """``(rlnTomoTiltSeriesPixelSize Å/px, (rlnTomoSizeX, Y, Z) px)``, checked to be > 0."""
     px = _scalar(row, "rlnTomoTiltSeriesPixelSize", where)
@@ -903,6 +919,7 @@ def read_tomogram_set(path, *, project_dir=None) -> TomogramSet:
             raise InputError(
                 f"{where} (block data_{name}): missing mandatory column rlnMicrographPreExposure"
             )
+    _check_positive_columns(g, _SIZE_COLUMNS, f"{p} (block data_global)")
     return TomogramSet(
         global_table=g,
         tilt_tables=tables,
@@ -1214,6 +1231,8 @@ def read_particle_set(path) -> ParticleSet:
     where = f"{p} (block data_{key})"
     t = _check_particles(blocks[key], where)
     optics = blocks.get("optics") if isinstance(blocks.get("optics"), pd.DataFrame) else None
+    if optics is not None:
+        _check_positive_columns(optics, _SIZE_COLUMNS[:1], f"{p} (block data_optics)")
     general = blocks.get("general") if isinstance(blocks.get("general"), dict) else None
     extra = {k: v for k, v in blocks.items() if k not in (key, "optics", "general")}
     return ParticleSet(particles=t, optics=optics, general=general, source=p, extra_blocks=extra)
