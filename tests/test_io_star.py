@@ -151,6 +151,28 @@ def test_atomic_write_leaves_no_temporary(tmp_path):
     assert read_star(tmp_path / "a.star")["x"]["rlnParticleNumber"] == 2
 
 
+def test_failed_atomic_write_keeps_the_old_file(tmp_path):
+    """One atomic writer for STAR and MRC files: a failure leaves the old file and no temporary."""
+    from polish3d.io import write_map
+    from polish3d.io.star import atomic_write
+
+    write_star(tmp_path / "a.star", {"x": {"rlnParticleNumber": 1}})
+    before = (tmp_path / "a.star").read_bytes()
+
+    def fail(tmp):
+        Path(tmp).write_text("half written")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "a.star", fail)
+    with pytest.raises(ValueError):  # not a 3D array: refused before anything is written
+        write_map(tmp_path / "m.mrc", np.zeros((2, 2)), 1.0)
+    with pytest.raises(ValueError):  # a bad voxel size: fails after the data went to the temporary
+        write_map(tmp_path / "m.mrc", np.zeros((2, 2, 2), np.float32), "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.star"]
+    assert (tmp_path / "a.star").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("cell", "expected"),
     [

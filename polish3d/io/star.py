@@ -26,7 +26,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from polish3d.errors import InputError
 
 __all__ = [
     "STRING_LABELS",
+    "atomic_write",
     "atomic_write_text",
     "check_loop_rows",
     "format_value",
@@ -275,20 +276,31 @@ def publish(tmp, path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+def atomic_write(path, write: Callable[[str], object]) -> Path:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder,
+    which is then renamed onto ``path`` (removed instead if ``write`` fails)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        write(tmp)
         publish(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return p
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
 
 
 def write_star(path, blocks: Mapping[str, pd.DataFrame | Mapping]) -> Path:

@@ -59,7 +59,7 @@ def deformation_coefficient_count(model: str, grid) -> int:
 
 
 def _resolve(path_text, project_dir: Path | None, referrer: Path | None = None) -> Path:
-    """Resolve a path from a STAR file as RELION does (see the module docstring)."""
+    """Resolve a path from a STAR file as RELION does (see the :mod:`polish3d.io.relion` docstring)."""
     p = Path(str(path_text))
     if p.is_absolute():
         return p
