@@ -281,6 +281,9 @@ class TomogramSet:
                 tomo_size_px=tomo_size,
             )
         if deformation is not None:
+            rows = np.shape(deformation.coefficients)[0]
+            if rows != n:
+                raise ValueError(f"{name}: deformation has {rows} rows, expected {n}")
             out.global_table, table = encode_deformation(self.global_table, i, table, deformation)
         else:
             out.global_table = self.global_table.copy()
