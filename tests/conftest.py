@@ -7,16 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-#: ../shared next to the checkout (CI always provides it).
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The shared folder (docs, fixtures); skips when it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip(f"shared folder not found: {SHARED}")
-    return SHARED
+#: Test data bundled with the repository (see tests/data/SOURCES.md). Tests that need it use it
+#: unconditionally: a missing file is a failure, never a skip.
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import pytest
 from polish3d import geometry
 from polish3d.io import read_optimisation_set, read_particle_set, read_tomogram_set
 
-CC = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "convention-check"
+#: the reduced case: every STAR file and true position of the full one (tests/data/SOURCES.md)
+CC = Path(__file__).resolve().parent / "data" / "convention-check"
 
 
 def _projected_error(opt_file: Path, **kw) -> np.ndarray:
@@ -22,7 +23,9 @@ def _projected_error(opt_file: Path, **kw) -> np.ndarray:
     truth = pd.read_csv(CC / "true_positions.csv")
     errors = []
     for name in tomos.names:
-        ts = tomos.tilt_series(name)  # images present: size from the stack header
+        # the 41-tilt stack is not bundled: the image size is the tomogram's (256², as the images)
+        ts = tomos.tilt_series(name, load_images=False)
+        assert ts.image_size_px == (256, 256)
         pdata = particles.for_tomogram(ts)
         uv = geometry.project_points(ts.projections, pdata.positions_px)  # (F, N, 2)
         col = {n: k for k, n in enumerate(pdata.names)}
@@ -39,13 +42,13 @@ def _projected_error(opt_file: Path, **kw) -> np.ndarray:
     return np.concatenate(errors)
 
 
-def test_truth_reproduces_true_positions(shared_dir):
+def test_truth_reproduces_true_positions():
     err = _projected_error(CC / "Truth/optimisation_set.star", project_dir=CC)
     assert len(err) == 40 * 41
     assert err.max() < 1e-3
 
 
-def test_truth_from_project_cwd(shared_dir, monkeypatch):
+def test_truth_from_project_cwd(monkeypatch):
     """RELION runs from the project folder: relative paths resolve against the cwd."""
     monkeypatch.chdir(CC)
     err = _projected_error(Path("Truth/optimisation_set.star"))
@@ -56,7 +59,7 @@ def test_truth_from_project_cwd(shared_dir, monkeypatch):
     ("opt", "rms_min"),
     [("optimisation_set.star", 4.0), ("Polish/job001/optimisation_set.star", 1.0)],
 )
-def test_input_and_relion_result_are_off(shared_dir, opt, rms_min):
+def test_input_and_relion_result_are_off(opt, rms_min):
     """The nominal input (≈5.2 px RMS) and RELION's result (≈2.6 px RMS) are not the truth."""
     err = _projected_error(CC / opt, project_dir=CC)
     assert np.sqrt(np.mean(err**2)) > rms_min

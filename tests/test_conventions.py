@@ -2,7 +2,8 @@
 
 * the particle rotation ``M`` maps reference → tomogram and ``P_j[:3,:3]·M`` reference → tilt
   image; particles are dark, so the CC ``−Y·conj(S)`` is positive at the true position
-  (checked on the convention-check fixture, a RELION 5 project whose images RELION aligns);
+  (checked on the convention-check fixture, a RELION 5 project whose images RELION aligns;
+  tests/data/convention-check holds its five lowest-dose tilt images and cropped maps);
 * tilt stacks are indexed ``[j, y, x]``;
 * RELION's own Euler writer (float centres) drifts for odd sizes, polish3d's writer does not;
 * the Fourier layout: ``rfft`` order, phase origin at ``s//2``, unitary scaling.
@@ -18,20 +19,24 @@ import pytest
 
 from polish3d import geometry as g
 
-CC = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "convention-check"
+CC = Path(__file__).resolve().parent / "data" / "convention-check"
 
 
 @pytest.fixture(scope="module")
-def fixture_truth(shared_dir):
+def fixture_truth():
+    """Truth geometry, ``{tilt row: image}`` of the bundled low-dose tilts, half map, mask."""
     from polish3d.io import open_stack, read_map, read_optimisation_set, read_particle_set, read_tomogram_set
 
     opt = read_optimisation_set(CC / "Truth/optimisation_set.star", project_dir=CC)
-    ts = read_tomogram_set(opt.tomograms_file, project_dir=CC).tilt_series("TS_01")
+    ts = read_tomogram_set(opt.tomograms_file, project_dir=CC).tilt_series("TS_01", load_images=False)
     parts = read_particle_set(opt.particles_file).for_tomogram(ts)
-    stack = open_stack(CC / "tilt_series/TS_01.mrcs")
+    # the stack holds the images of the lowest-dose rows, in table order
+    low = open_stack(CC / "tilt_series/TS_01_lowdose.mrcs")
+    rows = np.sort(g.dose_order(ts.pre_exposure_e_per_ang2)[: low.shape[0]])
+    images = {int(j): np.asarray(low[k], np.float32) for k, j in enumerate(rows)}
     half1 = read_map(CC / "reference/half1.mrc")[0]
     mask = read_map(CC / "reference/mask.mrc")[0]
-    return ts, parts, stack, half1, mask
+    return ts, parts, images, half1, mask
 
 
 def _mean_cc(ts, parts, stack, half1, mask, rotations, tilts, positions=None) -> float:
@@ -65,7 +70,8 @@ def _mean_cc(ts, parts, stack, half1, mask, rotations, tilts, positions=None) ->
 def test_particle_orientation_and_cc_sign_on_fixture(fixture_truth):
     """``P·M`` (not ``P·Mᵀ``) predicts the particle; the CC with the minus sign is positive."""
     ts, parts, stack, half1, mask = fixture_truth
-    tilts = [int(j) for j in g.dose_order(ts.pre_exposure_e_per_ang2)[:8]]  # low-dose tilts
+    tilts = sorted(stack)  # the bundled low-dose tilts
+    assert len(tilts) == 5
     sub = slice(0, 12)
     p = parts.replace(positions_px=parts.positions_px[sub], rotations=parts.rotations[sub])
     right = _mean_cc(ts, p, stack, half1, mask, p.rotations, tilts)

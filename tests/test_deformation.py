@@ -20,7 +20,7 @@ from polish3d.refine import deformation as D
 from polish3d.refine import optimise, stage2
 from polish3d.refine.tomogram import AlignConfig
 
-SYN = Path(__file__).resolve().parents[2] / "shared/fixtures/relion/relion5-run-synthetic"
+SYN = Path(__file__).resolve().parent / "data/relion/relion5-run-synthetic"
 IMAGE = (400.0, 300.0)
 
 

@@ -23,8 +23,8 @@ from polish3d.io import (
     write_star,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SYN = SHARED / "fixtures/relion/relion5-run-synthetic"
+RELION = Path(__file__).resolve().parent / "data" / "relion"
+SYN = RELION / "relion5-run-synthetic"
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -60,7 +60,7 @@ def test_missing_per_tilt_file(small_project):
     assert "tilt_series/TS_01.star" in msg and "referenced from" in msg and "tomograms.star" in msg
 
 
-def test_missing_image_file(shared_dir):
+def test_missing_image_file():
     s = read_tomogram_set(SYN / "input/tomograms.star", project_dir=SYN / "input")
     with pytest.raises(InputError) as e:
         s.tilt_series("TS_01", load_images=True)
@@ -158,9 +158,9 @@ def test_tilt_count_mismatch_stack(small_project):
     assert "tilt-count mismatch" in msg and "TS_01.mrcs" in msg and "4 images" in msg
 
 
-def test_tilt_count_mismatch_relion4_frame_count(tmp_path, shared_dir):
+def test_tilt_count_mismatch_relion4_frame_count(tmp_path):
     stem = "warptools_test_4-tomos_10-ptcls_box-32_angpix-12_tomograms.star"
-    blocks = read_star(shared_dir / "fixtures/relion/tomodrgn-warptools" / stem)
+    blocks = read_star(RELION / "tomodrgn-warptools" / stem)
     blocks["global"].loc[0, "rlnTomoFrameCount"] = 36
     write_star(tmp_path / "tomograms.star", blocks)
     s = read_tomogram_set(tmp_path / "tomograms.star", project_dir=tmp_path)

@@ -33,19 +33,14 @@ from polish3d.io import (
 from polish3d.io.relion import PROJ_LABELS, _pipeline_post
 from polish3d.model import Deformation, TiltSeriesData
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-RELION = SHARED / "fixtures" / "relion"
-CC = SHARED / "fixtures" / "convention-check"
+DATA = Path(__file__).resolve().parent / "data"
+RELION = DATA / "relion"
+CC = DATA / "convention-check"
 CETS = RELION / "cets-relion-relion5"
 SYN = RELION / "relion5-run-synthetic"
 WARP = RELION / "tomodrgn-warptools"
 WARP_STEM = "warptools_test_4-tomos_10-ptcls_box-32_angpix-12"
-OPT_FILES = sorted(RELION.glob("**/*optimisation_set.star")) if RELION.is_dir() else []
-
-
-@pytest.fixture(autouse=True)
-def _need_shared(shared_dir):
-    return shared_dir
+OPT_FILES = sorted(RELION.glob("**/*optimisation_set.star"))
 
 
 def _is_rotation(p):
@@ -203,10 +198,10 @@ def test_synthetic_input_matrices_match_euler():
 def test_convention_input_matrices_match_euler():
     """The input per-tilt table carries both rlnTomoProj* and Euler columns: they agree."""
     s = read_tomogram_set(CC / "tomograms.star", project_dir=CC)
-    with_m = s.tilt_series("TS_01")
+    with_m = s.tilt_series("TS_01", load_images=False)  # 256² images, as the tomogram
     assert with_m.image_size_px == (256, 256)
     s.tilt_tables["TS_01"] = s.tilt_tables["TS_01"].drop(columns=list(PROJ_LABELS))
-    euler = s.tilt_series("TS_01")
+    euler = s.tilt_series("TS_01", load_images=False)
     x = np.random.default_rng(2).uniform(0, 256, (100, 3)) * [1, 1, 0.5]
     d = geometry.project_points(with_m.projections, x) - geometry.project_points(euler.projections, x)
     assert np.abs(d).max() < 1e-6
@@ -245,7 +240,7 @@ def test_single_block_with_other_name_is_accepted(tmp_path, caplog):
 
 def test_with_tilt_series_write_round_trip(tmp_path):
     s = read_tomogram_set(CC / "Truth/tomograms.star", project_dir=CC)
-    ts = s.tilt_series("TS_01")
+    ts = s.tilt_series("TS_01", load_images=False)
     rng = np.random.default_rng(3)
     new = ts.projections.copy()
     new[:, :3, :3] = geometry.rot_z(rng.normal(0, 1, ts.n_tilts)) @ new[:, :3, :3]
@@ -253,7 +248,7 @@ def test_with_tilt_series_write_round_trip(tmp_path):
     coeff = rng.normal(size=(ts.n_tilts, 8))
     s2 = s.with_tilt_series("TS_01", new, Deformation("linear", (2, 2), coeff))
     assert s.tilt_tables["TS_01"] is not s2.tilt_tables["TS_01"]  # original untouched
-    np.testing.assert_allclose(s2.tilt_series("TS_01").projections, new, atol=1e-9)
+    np.testing.assert_allclose(s2.tilt_series("TS_01", load_images=False).projections, new, atol=1e-9)
     out = s2.write(tmp_path / "Polish/job002", project_dir=tmp_path)
     assert (tmp_path / "Polish/job002/tilt_series/TS_01.star").is_file()
     g = read_star(out)["global"]
@@ -271,10 +266,8 @@ def test_with_tilt_series_write_round_trip(tmp_path):
         ),
         s.global_table.drop(columns=["rlnTomoTiltSeriesStarFile"]),
     )
-    (tmp_path / "tilt_series").mkdir()  # the images, where the project expects them
-    (tmp_path / "tilt_series/TS_01.mrcs").symlink_to(CC / "tilt_series/TS_01.mrcs")
     back = read_tomogram_set(out, project_dir=tmp_path)
-    b = back.tilt_series("TS_01")
+    b = back.tilt_series("TS_01", load_images=False)
     x = rng.uniform(0, 256, (100, 3)) * [1, 1, 0.5]
     d = geometry.project_points(b.projections, x) - geometry.project_points(new, x)
     assert np.abs(d).max() < 1e-4
@@ -297,14 +290,14 @@ def test_with_tilt_series_write_round_trip(tmp_path):
 
 def test_with_tilt_series_matrix_handling():
     s = read_tomogram_set(CC / "tomograms.star", project_dir=CC)
-    ts = s.tilt_series("TS_01")
+    ts = s.tilt_series("TS_01", load_images=False)
     dropped = s.with_tilt_series("TS_01", ts.projections)
     assert not any(c in dropped.tilt_tables["TS_01"] for c in PROJ_LABELS)
     mag = ts.projections.copy()
     mag[:, :2, :3] *= 1.01  # not a rotation: only the matrices can carry it
     kept = s.with_tilt_series("TS_01", mag, keep_matrix=True)
     assert all(c in kept.tilt_tables["TS_01"] for c in PROJ_LABELS)
-    np.testing.assert_allclose(kept.tilt_series("TS_01").projections, mag, atol=1e-12)
+    np.testing.assert_allclose(kept.tilt_series("TS_01", load_images=False).projections, mag, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -582,11 +575,14 @@ def test_mrc_stack_and_map_round_trip(tmp_path):
 
 
 def test_convention_reference_files():
+    """The reduced convention-check case (tests/data/convention-check/README.md): float16 data."""
     half, vs = read_map(CC / "reference/half1.mrc")
-    assert half.ndim == 3 and vs > 0
+    assert half.shape == (54, 54, 54) and half.dtype == np.float32 and vs == 8.0
     idx, fsc = read_fsc(CC / "reference/postprocess.star")
     assert idx[0] == 0 and len(idx) == len(fsc) == 33 and fsc[0] == pytest.approx(1.0)
-    assert open_stack(CC / "tilt_series/TS_01.mrcs").shape == (41, 256, 256)
+    stack = open_stack(CC / "tilt_series/TS_01_lowdose.mrcs")
+    assert stack.shape == (5, 256, 256) and stack.dtype == np.float16
+    assert image_size(CC / "tilt_series/TS_01_lowdose.mrcs") == (256, 256, 5)
 
 
 def test_relion_output_reproduced_byte_for_byte(tmp_path):

@@ -1,4 +1,4 @@
-"""STAR reading/writing: RELION formatting and lossless round trips of every shared fixture."""
+"""STAR reading/writing: RELION formatting and lossless round trips of every bundled fixture (tests/data)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import pytest
 
 from polish3d.io.star import format_value, parse_vector, read_star, write_star
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "fixtures"
-STAR_FILES = sorted(FIXTURES.glob("**/*.star")) if FIXTURES.is_dir() else []
-RELION_FILES = sorted((FIXTURES / "relion").glob("**/*")) if FIXTURES.is_dir() else []
+FIXTURES = Path(__file__).resolve().parent / "data"
+STAR_FILES = sorted(FIXTURES.glob("**/*.star"))
+RELION_FILES = sorted((FIXTURES / "relion").glob("**/*"))
 
 
 def _assert_blocks_equal(a: dict, b: dict, what: str) -> None:
@@ -41,13 +40,13 @@ def _assert_blocks_equal(a: dict, b: dict, what: str) -> None:
                 assert x[c].tolist() == y[c].tolist(), (what, name, c)
 
 
-def test_fixtures_present(shared_dir):
+def test_fixtures_present():
     assert len(STAR_FILES) >= 60
 
 
 @pytest.mark.parametrize("path", RELION_FILES, ids=lambda p: str(p.relative_to(FIXTURES)))
 def test_every_relion_fixture_file_is_read(path):
-    """Every file of fixtures/relion is read: STAR files parse, other files are text notes."""
+    """Every file of tests/data/relion is read: STAR files parse, other files are text notes."""
     if path.is_dir():
         return
     if path.suffix == ".star":
@@ -82,9 +81,9 @@ def test_star_round_trip(path, tmp_path):
         "Polish/job051/tilt_series/TS_01.star",
     ],
 )
-def test_byte_identical_to_relion(shared_dir, rel, tmp_path):
+def test_byte_identical_to_relion(rel, tmp_path):
     """Files written by RELION 5.0.1 are reproduced byte for byte."""
-    src = shared_dir / "fixtures/relion/relion5-run-synthetic" / rel
+    src = FIXTURES / "relion/relion5-run-synthetic" / rel
     write_star(tmp_path / "x.star", read_star(src))
     assert (tmp_path / "x.star").read_bytes() == src.read_bytes()
 
@@ -152,6 +151,28 @@ def test_atomic_write_leaves_no_temporary(tmp_path):
     assert read_star(tmp_path / "a.star")["x"]["rlnParticleNumber"] == 2
 
 
+def test_failed_atomic_write_keeps_the_old_file(tmp_path):
+    """One atomic writer for STAR and MRC files: a failure leaves the old file and no temporary."""
+    from polish3d.io import write_map
+    from polish3d.io.star import atomic_write
+
+    write_star(tmp_path / "a.star", {"x": {"rlnParticleNumber": 1}})
+    before = (tmp_path / "a.star").read_bytes()
+
+    def fail(tmp):
+        Path(tmp).write_text("half written")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "a.star", fail)
+    with pytest.raises(ValueError):  # not a 3D array: refused before anything is written
+        write_map(tmp_path / "m.mrc", np.zeros((2, 2)), 1.0)
+    with pytest.raises(ValueError):  # a bad voxel size: fails after the data went to the temporary
+        write_map(tmp_path / "m.mrc", np.zeros((2, 2, 2), np.float32), "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.star"]
+    assert (tmp_path / "a.star").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("cell", "expected"),
     [
@@ -179,3 +200,18 @@ def test_io_never_imports_jax():
 
     code = "import sys, polish3d.io; sys.exit(1 if 'jax' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_tests_read_only_bundled_data():
+    """No test reaches outside the repository for data (a fresh clone must run every test)."""
+    here = Path(__file__).resolve().parent
+    word = "sha" + "red"  # spelt in pieces so that this file does not match itself
+    outside = ["../" + word, word + "/fixtures", "parents[" + "2]", chr(34) + word + chr(34)]
+    offenders = [
+        f"{f.name}: {pat}"
+        for f in sorted(here.glob("*.py"))
+        for pat in outside
+        if pat in f.read_text(encoding="utf-8")
+    ]
+    assert not offenders, offenders
+    assert (here / "data" / "SOURCES.md").is_file()

@@ -1,7 +1,8 @@
 """``polish3d align`` as a RELION 5 External job inside a (miniature) RELION project.
 
-The project is built in ``tmp_path`` from the convention-check fixture (a real RELION 5 project:
-one 41-tilt series, 256² images at 8 Å/px, half maps, mask, ``postprocess.star``), laid out as a
+The project is built in ``tmp_path`` from the reduced convention-check fixture (a real RELION 5
+project: the five lowest-dose tilts of its 41-tilt series, 256² images at 8 Å/px, a half map used
+for both halves, mask, ``postprocess.star``; see tests/data/convention-check), laid out as a
 RELION 5 pipeline lays it out: per-tilt motion-corrected images under ``MotionCorr/job002/``,
 tilt-series STARs from ``AlignTiltSeries/job005/``, the tomogram set of ``Tomograms/job006/``,
 particles and optimisation set of ``Extract/job010/``, half maps of ``Refine3D/job011/``, the
@@ -24,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from polish3d.geometry import dose_order
 from polish3d.io import open_stack, read_star, write_map, write_star
 
-CC = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "convention-check"
+CC = Path(__file__).resolve().parent / "data" / "convention-check"
 N_PARTICLES = 10
+N_TILTS = 5  # the bundled low-dose tilts
 JOB = "External/job014/"
 
 
@@ -39,18 +42,21 @@ def _polish3d() -> list[str]:
 def build_project(root: Path, n_particles: int = N_PARTICLES) -> dict[str, str]:
     """A miniature RELION 5 project under ``root``; returns the External job's input paths."""
     root.mkdir(parents=True, exist_ok=True)
-    # tilt images: one MRC file per tilt, as MotionCorr writes them
-    stack = open_stack(CC / "tilt_series" / "TS_01.mrcs")
+    # tilt images: one MRC file per tilt, as MotionCorr writes them; the bundled stack holds the
+    # lowest-dose rows of the per-tilt table, in table order
+    stack = open_stack(CC / "tilt_series" / "TS_01_lowdose.mrcs")
+    table = read_star(CC / "tilt_series" / "TS_01.star")["TS_01"]
+    rows = np.sort(dose_order(table["rlnMicrographPreExposure"].to_numpy(float))[: stack.shape[0]])
+    table = table.iloc[rows].reset_index(drop=True)
     frames = root / "MotionCorr" / "job002" / "frames"
     names = []
-    for j in range(stack.shape[0]):
+    for k, j in enumerate(rows):
         rel = f"MotionCorr/job002/frames/TS_01_{j + 1:03d}.mrc"
-        write_map(root / rel, np.asarray(stack[j])[None], 8.0)
+        write_map(root / rel, np.asarray(stack[k], np.float32)[None], 8.0)
         names.append(rel)
     assert frames.is_dir()
     # per-tilt table (AlignTiltSeries), micrograph names → the per-tilt files
     ts_rel = "AlignTiltSeries/job005/tilt_series/TS_01.star"
-    table = read_star(CC / "tilt_series" / "TS_01.star")["TS_01"].copy()
     table["rlnMicrographName"] = names
     write_star(root / ts_rel, {"TS_01": table})
     # tomogram set (Tomograms)
@@ -69,7 +75,7 @@ def build_project(root: Path, n_particles: int = N_PARTICLES) -> dict[str, str]:
     ref = root / "Refine3D" / "job011"
     ref.mkdir(parents=True)
     shutil.copy(CC / "reference" / "half1.mrc", ref / "run_half1_class001_unfil.mrc")
-    shutil.copy(CC / "reference" / "half2.mrc", ref / "run_half2_class001_unfil.mrc")
+    shutil.copy(CC / "reference" / "half1.mrc", ref / "run_half2_class001_unfil.mrc")  # not bundled
     (root / "MaskCreate" / "job012").mkdir(parents=True)
     shutil.copy(CC / "reference" / "mask.mrc", root / "MaskCreate" / "job012" / "mask.mrc")
     post = read_star(CC / "reference" / "postprocess.star")
@@ -125,7 +131,7 @@ def _check_paths_resolve(project: Path, opt_rel: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, shared_dir):
+def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("relion_project")
     inputs = build_project(root)
     proc = _run(external_job_command(inputs), root)
@@ -183,7 +189,7 @@ def test_output_reads_back_with_polish3d(project, monkeypatch):
     opt = read_optimisation_set(JOB + "optimisation_set.star")
     tomos = read_tomogram_set(opt.tomograms_file)
     ts = tomos.tilt_series("TS_01")  # images must exist
-    assert ts.n_tilts == 41 and ts.image_size_px == (256, 256)
+    assert ts.n_tilts == N_TILTS and ts.image_size_px == (256, 256)
     parts = read_particle_set(opt.particles_file).for_tomogram(ts)
     assert parts.n_particles == N_PARTICLES
     assert np.all(np.isfinite(ts.projections)) and np.all(np.isfinite(parts.positions_px))

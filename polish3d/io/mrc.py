@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import mrcfile.utils
 import numpy as np
 
 from polish3d.errors import InputError
-from polish3d.io.star import publish, read_star
+from polish3d.io.star import atomic_write, read_star
 
 __all__ = ["image_size", "open_stack", "read_fsc", "read_map", "write_map", "write_stack"]
 
@@ -112,11 +111,7 @@ def read_map(path) -> tuple[np.ndarray, float]:
 
 
 def _atomic_mrc(path, array: np.ndarray, voxel_size_ang: float, stack: bool) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(np.ascontiguousarray(array, dtype=np.float32))
             if stack:
@@ -125,12 +120,8 @@ def _atomic_mrc(path, array: np.ndarray, voxel_size_ang: float, stack: bool) -> 
                 m.set_volume()
             m.voxel_size = float(voxel_size_ang)
             m.update_header_stats()
-        publish(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+
+    return atomic_write(path, write)
 
 
 def write_map(path, array, voxel_size_ang: float) -> Path:

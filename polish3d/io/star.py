@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,16 @@ import starfile
 
 from polish3d.errors import InputError
 
-__all__ = ["STRING_LABELS", "atomic_write_text", "format_value", "parse_vector", "read_star", "write_star"]
+__all__ = [
+    "STRING_LABELS",
+    "atomic_write",
+    "atomic_write_text",
+    "check_loop_rows",
+    "format_value",
+    "parse_vector",
+    "read_star",
+    "write_star",
+]
 
 #: RELION labels whose values are strings (names and paths); always parsed as strings.
 STRING_LABELS: tuple[str, ...] = (
@@ -90,6 +100,7 @@ def read_star(path) -> dict[str, pd.DataFrame | dict]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"STAR file not found: {p}")
+    check_loop_rows(p)
     try:
         blocks = starfile.read(p, always_dict=True, parse_as_string=list(STRING_LABELS))
     except Exception as exc:  # starfile/pandas raise many kinds of errors
@@ -101,6 +112,60 @@ def read_star(path) -> dict[str, pd.DataFrame | dict]:
         if block is None:
             raise InputError(f"cannot parse block data_{name} of STAR file {p}")
     return dict(blocks)
+
+
+#: one value of a loop row: a quoted string (may hold blanks) or a run of non-blanks
+_TOKEN = re.compile(r'"[^"]*"|\'[^\']*\'|\S+')
+
+
+def _row_width(line: str) -> int:
+    """Number of values on one data line of a loop (quoted strings count as one)."""
+    if '"' in line or "'" in line:
+        return len(_TOKEN.findall(line))
+    return len(line.split())
+
+
+def check_loop_rows(path) -> None:
+    """Check that every data row of every loop block has one value per column.
+
+    ``starfile`` (pandas) fills a short row with NaN, so a file cut off in its last row would
+    otherwise surface later as a misleading "non-finite value"; a long row would give a
+    pandas tokenizer message without the block name.
+
+    Raises:
+        InputError: naming the file, the block, the line (1-based) and the counts.
+    """
+    p = Path(path)
+    lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    block, n_labels, in_loop, last_data = "", 0, False, None
+    rows: list[tuple[int, int, str, int]] = []  # (line number, width, block, n_labels)
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("data_"):
+            block = line[5:].split()[0] if len(line) > 5 else ""
+            n_labels, in_loop = 0, False
+        elif line.startswith("loop_"):
+            n_labels, in_loop = 0, True
+        elif line.startswith("_"):
+            if in_loop:
+                n_labels += 1
+        elif in_loop:
+            rows.append((number, _row_width(line), block, n_labels))
+            last_data = number
+    for number, width, name, n in rows:
+        if width == n:
+            continue
+        kind = "short" if width < n else "long"
+        hint = ""
+        if number == last_data and width < n:
+            kind = "truncated"
+            hint = "; it is the last row of the file: was the file cut short?"
+        raise InputError(
+            f"{p} (block data_{name}), line {number}: {kind} row with {width} values, expected "
+            f"{n} (one per column){hint}"
+        )
 
 
 def parse_vector(cell) -> np.ndarray:
@@ -211,20 +276,31 @@ def publish(tmp, path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+def atomic_write(path, write: Callable[[str], object]) -> Path:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder,
+    which is then renamed onto ``path`` (removed instead if ``write`` fails)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        write(tmp)
         publish(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return p
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
 
 
 def write_star(path, blocks: Mapping[str, pd.DataFrame | Mapping]) -> Path:
