@@ -22,7 +22,8 @@ What ``relion_tomo_reconstruct_particle`` does, in JAX, for any optimisation set
    spectrum (Friedel mate for ``ξ < 0``), into the accumulators of its half set
    (``rlnRandomSubset``). Those frequencies are found without scanning the volume: along the
    axis where the plane normal is largest at most four voxels per column lie within
-   ``|ζ| < 1``, so each pair touches ``4·(s+1)²`` candidates (fixed shapes, one ``vmap``).
+   ``|ζ| < 1``, so each pair touches ``4·M`` candidates, ``M ≈ π(s/2+1)²`` columns (fixed
+   shapes, one ``vmap``).
 5. **Finish** (RELION's ``griddingCorrect3D_sinc2`` then ``ctfCorrect3D_heuristic`` or
    ``_Wiener``): inverse transform, divide by ``sinc²(r/s)`` (at least 0.01), transform, divide by
    ``max(W, 0.001 · ⟨W⟩_shell)`` (or ``W + 1/SNR`` with ``snr > 0``), zero beyond radius
@@ -192,11 +193,14 @@ def _row_limits(dose: np.ndarray, cutoff_fract: float) -> np.ndarray:
 
 
 def _column_grid(box: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two non-dominant coordinates of the candidate columns: integers ``−s/2 … s/2``
-    (``kx`` reaches ``s/2``; ``ky = kz = s/2`` are filtered out later)."""
+    """The two non-dominant coordinates ``(b, c)`` of the candidate columns: integers
+    ``−s/2 … s/2`` (``kx`` reaches ``s/2``; ``ky = kz = s/2`` are filtered out later) within the
+    largest radius a tilt can keep, ``s/2 + 1`` (RELION's row limit is the last kept column + 1).
+    Two ``(M,)`` float32 arrays."""
     k = np.arange(-(box // 2), box // 2 + 1, dtype=np.float32)
     b, c = np.meshgrid(k, k, indexing="ij")
-    return b, c
+    keep = b * b + c * c <= (box // 2 + 1) ** 2
+    return b[keep], c[keep]
 
 
 # axis order (dominant, other, other) for a dominant axis 0, 1, 2
@@ -204,37 +208,39 @@ _AXES = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1]], np.int32)
 
 
 def _insert_one(data2d, weight2d, bmat, max_freq, box: int):
-    """Candidate voxels of one slice: flat indices (``−1``: none), data and weight values."""
+    """Candidate voxels of one slice: flat indices (``−1``: none), data and weight values.
+
+    The candidates are generated in the frame ``(a, b, c)`` of the dominant axis ``a`` of the
+    plane normal; the columns of ``bmat``, the voxel bounds and the index strides are permuted
+    to it, so no per-candidate axis selection is needed.
+    """
     import jax.numpy as jnp
 
     s, sh = box, box // 2 + 1
-    n = bmat[2]
-    a = jnp.argmax(jnp.abs(n))
-    axes = jnp.asarray(_AXES)[a]
-    na, nb, nc = n[axes[0]], n[axes[1]], n[axes[2]]
-    bb, cc = _column_grid(box)
-    t = nb * bb + nc * cc
-    lo = jnp.minimum((-1.0 - t) / na, (1.0 - t) / na)
-    cand = jnp.ceil(lo)[..., None] + jnp.arange(4, dtype=jnp.float32)  # (s, s, 4)
-    bb4 = jnp.broadcast_to(bb[..., None], cand.shape)
-    cc4 = jnp.broadcast_to(cc[..., None], cand.shape)
-
-    def coord(i):
-        return jnp.where(axes[0] == i, cand, jnp.where(axes[1] == i, bb4, cc4))
-
-    x, y, z = coord(0), coord(1), coord(2)
-    xi = bmat[0, 0] * x + bmat[0, 1] * y + bmat[0, 2] * z
-    eta = bmat[1, 0] * x + bmat[1, 1] * y + bmat[1, 2] * z
-    zeta = bmat[2, 0] * x + bmat[2, 1] * y + bmat[2, 2] * z
     half = s // 2
+    n = bmat[2]
+    axes = jnp.asarray(_AXES)[jnp.argmax(jnp.abs(n))]
+    bp = bmat[:, axes]  # columns in (a, b, c) order
+    lower = jnp.asarray([0.0, -half, -half], jnp.float32)[axes]
+    upper = jnp.asarray([sh - 1.0, half - 1.0, half - 1.0], jnp.float32)[axes]
+    stride = jnp.asarray([1, sh, s * sh], jnp.int32)[axes]
+    bb, cc = _column_grid(box)
+    t = bp[2, 1] * bb + bp[2, 2] * cc
+    lo = jnp.minimum((-1.0 - t) / bp[2, 0], (1.0 - t) / bp[2, 0])
+    ca = jnp.ceil(lo)[..., None] + jnp.arange(4, dtype=jnp.float32)  # (M, 4)
+    cb, cc_ = bb[..., None], cc[..., None]
+    xi = bp[0, 0] * ca + (bp[0, 1] * cb + bp[0, 2] * cc_)
+    eta = bp[1, 0] * ca + (bp[1, 1] * cb + bp[1, 2] * cc_)
+    zeta = bp[2, 0] * ca + t[..., None]
     ok = (
         (jnp.abs(zeta) < 1.0)
-        & (x >= 0) & (x <= sh - 1)
-        & (y >= -half) & (y < half) & (z >= -half) & (z < half)
-        & (x * x + y * y + z * z <= max_freq * max_freq)
+        & (ca >= lower[0]) & (ca <= upper[0])
+        & (cb >= lower[1]) & (cb <= upper[1]) & (cc_ >= lower[2]) & (cc_ <= upper[2])
+        & (ca * ca + (cb * cb + cc_ * cc_) <= max_freq * max_freq)
         & (jnp.abs(xi) < sh) & (jnp.abs(eta) < half + 1)
     )
-    # bilinear sample of the 2D half spectrum (RELION's linearXY_*_FftwHalf_clip)
+    # bilinear sample of the 2D half spectrum (RELION's linearXY_*_FftwHalf_clip): data and
+    # weight stacked, one gather per corner
     neg = xi < 0
     xd = jnp.where(neg, -xi, xi)
     yd = jnp.where(neg, -eta, eta)
@@ -245,21 +251,20 @@ def _insert_one(data2d, weight2d, bmat, max_freq, box: int):
     x1 = jnp.where(x0 + 1 >= sh, sh - 2, x0 + 1)
     y0 = jnp.clip(y0f.astype(jnp.int32), 0, s - 1)
     y1 = (y0 + 1) % s
-
-    def bilinear(img):
-        v0 = (1 - fx) * img[y0, x0] + fx * img[y0, x1]
-        v1 = (1 - fx) * img[y1, x0] + fx * img[y1, x1]
-        return (1 - fy) * v0 + fy * v1
-
+    img = jnp.stack([data2d.real, data2d.imag, weight2d], axis=-1)  # (s, sh, 3)
+    v0 = (1 - fx)[..., None] * img[y0, x0] + fx[..., None] * img[y0, x1]
+    v1 = (1 - fx)[..., None] * img[y1, x0] + fx[..., None] * img[y1, x1]
+    v = (1 - fy)[..., None] * v0 + fy[..., None] * v1
     tent = jnp.where(ok, 1.0 - jnp.abs(zeta), 0.0)
-    d = bilinear(data2d)
-    d = jnp.where(neg, jnp.conj(d), d) * tent
-    w = bilinear(weight2d) * tent
-    xi_ = jnp.where(ok, x, 0).astype(jnp.int32)
-    yi_ = jnp.mod(jnp.where(ok, y, 0).astype(jnp.int32), s)
-    zi_ = jnp.mod(jnp.where(ok, z, 0).astype(jnp.int32), s)
-    flat = jnp.where(ok, (zi_ * s + yi_) * sh + xi_, -1)
-    return flat.reshape(-1), d.reshape(-1), w.reshape(-1)
+    im = jnp.where(neg, -v[..., 1], v[..., 1])  # Friedel mate: complex conjugate
+    d = (v[..., 0] + 1j * im) * tent
+    w = v[..., 2] * tent
+    ia = ca.astype(jnp.int32)
+    ib = jnp.broadcast_to(cb, ca.shape).astype(jnp.int32)
+    ic = jnp.broadcast_to(cc_, ca.shape).astype(jnp.int32)
+    flat = jnp.mod(ia, s) * stride[0] + jnp.mod(ib, s) * stride[1] + jnp.mod(ic, s) * stride[2]
+    flat = jnp.where(ok, flat, -1)
+    return flat.reshape(-1), d.reshape(-1).astype(jnp.complex64), w.reshape(-1)
 
 
 @functools.cache
