@@ -667,7 +667,7 @@ def half_map_fsc(
     return rec.fsc, rec.resolution_ang
 
 
-def write_reconstruction(rec: Reconstruction, out_dir, *, options: ReconstructOptions | None = None):
+def write_reconstruction(rec: Reconstruction, out_dir) -> dict[str, Path]:
     """Write ``half1.mrc``, ``half2.mrc``, ``merged.mrc`` (and ``*_full.mrc`` after ``crop``) and
     ``fsc.star`` (table ``fsc``: ``rlnSpectralIndex``, ``rlnResolution`` Å⁻¹,
     ``rlnAngstromResolution``, ``rlnFourierShellCorrelation``; table ``general``:
@@ -794,7 +794,7 @@ def register_cli(app, run) -> None:
                         f"{(options.out_box,) * 3}"
                     )
             rec = reconstruct(i, options, mask=m)
-            write_reconstruction(rec, o, options=options)
+            write_reconstruction(rec, o)
             typer.echo(format_fsc_table(rec))
             typer.echo(f"wrote {Path(o) / 'half1.mrc'}, half2.mrc, merged.mrc, fsc.star")
 
