@@ -177,6 +177,22 @@ def test_wrong_tilt_shifts_lower_the_fsc(noisy):
         np.testing.assert_array_equal(data.tilt_series[k].projections, again.tilt_series[k].projections)
 
 
+def test_particle_motion_is_followed(tmp_path):
+    """Trajectories (motion.star) move the boxes exactly as the refinement's forward model."""
+    cfg = SIM.replace(s_vel=6.0, s_div=2000.0, n_particles=8, seed=4)
+    truth = simulate(cfg, tmp_path).truth_optimisation_set
+    data = read_optimisation_set(truth)
+    assert all(p.trajectories_px is not None for p in data.particles.values())
+    still = dataclasses.replace(
+        data, particles={k: p.replace(trajectories_px=None) for k, p in data.particles.items()}
+    )
+    vol = phantom_volume(BOX, PX, SIM.particle_diameter_ang)
+    moving = fsc_from_half_maps(rc.reconstruct(data, box=BOX).merged, vol)[1]
+    ignored = fsc_from_half_maps(rc.reconstruct(still, box=BOX).merged, vol)[1]
+    assert moving[2:15].min() > 0.97, np.round(moving, 3)
+    assert moving[4:15].mean() > ignored[4:15].mean() + 0.05, (np.round(moving, 3), np.round(ignored, 3))
+
+
 def test_chunking_does_not_change_the_maps(noisy):
     one = rc.reconstruct(noisy[0.5], box=BOX, chunk=1000)
     many = rc.reconstruct(noisy[0.5], box=BOX, chunk=7)
