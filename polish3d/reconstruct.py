@@ -65,6 +65,7 @@ __all__ = [
     "half_map_fsc",
     "reconstruct",
     "register_cli",
+    "with_results",
     "write_reconstruction",
 ]
 
@@ -642,8 +643,31 @@ def _fsc(h1, h2, mask, n: int) -> np.ndarray:
     return fsc_from_half_maps(h1, h2)[1]
 
 
+def with_results(data, results):
+    """``data`` (:class:`polish3d.api.OptimisationSetData`) with the refined geometry of
+    ``results`` (``{rlnTomoName: TomogramResult}``, as ``polish3d align`` produces): projections,
+    and where not ``None`` positions, trajectories and deformation. Tomograms without a result
+    keep their input geometry; ``data`` itself is not modified."""
+    tilt_series = dict(data.tilt_series)
+    particles = dict(data.particles)
+    for name, res in results.items():
+        if name not in tilt_series:
+            raise InputError(f"tomogram {name!r} of the results is not in {data.files.source}")
+        ts = tilt_series[name].replace(projections=np.asarray(res.projections, np.float64))
+        if res.deformation is not None:
+            ts = ts.replace(deformation=res.deformation)
+        part = particles[name]
+        if res.positions_px is not None:
+            part = part.replace(positions_px=np.asarray(res.positions_px, np.float64))
+        if res.trajectories_px is not None:
+            part = part.replace(trajectories_px=np.asarray(res.trajectories_px, np.float64))
+        tilt_series[name], particles[name] = ts, part
+    return dataclasses.replace(data, tilt_series=tilt_series, particles=particles)
+
+
 def half_map_fsc(
-    source, box: int, *, mask: np.ndarray | None = None, project_dir=None, **options
+    source, box: int, *, results=None, mask: np.ndarray | None = None, project_dir=None,
+    **options,
 ) -> tuple[np.ndarray, float]:
     """Half-map FSC of the particles of an optimisation set (for before/after reports).
 
@@ -655,6 +679,8 @@ def half_map_fsc(
         source: ``optimisation_set.star`` or :class:`polish3d.api.OptimisationSetData` (replace
             its ``tilt_series`` / ``particles`` to score in-memory geometry).
         box: box size (px, even).
+        results: optional ``{rlnTomoName: TomogramResult}``: score this refined geometry
+            instead of the set's own (see :func:`with_results`).
         mask: optional ``(box, box, box)`` real-space mask applied before the FSC.
         project_dir: see :func:`reconstruct`.
         **options: other :class:`ReconstructOptions` fields (``snr``, ``max_dose``, ``chunk``…).
@@ -662,6 +688,8 @@ def half_map_fsc(
     Returns:
         ``(fsc, resolution_ang)``.
     """
+    if results is not None:
+        source = with_results(_load(source, project_dir), results)
     rec = reconstruct(source, ReconstructOptions(box=int(box), **options), mask=mask,
                       project_dir=project_dir)
     return rec.fsc, rec.resolution_ang

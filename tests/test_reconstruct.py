@@ -11,6 +11,7 @@ from polish3d import reconstruct as rc
 from polish3d.api import read_optimisation_set
 from polish3d.errors import InputError
 from polish3d.imaging import fsc_from_half_maps
+from polish3d.model import TomogramResult
 from polish3d.simulate import SimulationConfig, phantom_volume, simulate
 
 BOX = 32
@@ -170,6 +171,10 @@ def test_wrong_tilt_shifts_lower_the_fsc(noisy):
         wrong_ts[name] = ts.replace(projections=p)
     wrong = dataclasses.replace(data, tilt_series=wrong_ts)
     fsc_wrong, res_wrong = rc.half_map_fsc(wrong, BOX)
+    # the same through align's results: {tomogram: TomogramResult}
+    results = {k: TomogramResult(name=k, projections=v.projections) for k, v in wrong_ts.items()}
+    fsc_res, _ = rc.half_map_fsc(noisy[0.5], BOX, results=results)
+    np.testing.assert_allclose(fsc_res, fsc_wrong, atol=1e-5)
     assert res_wrong > res_true + 0.2 * PX, (res_true, res_wrong)
     assert fsc_wrong[3:14].mean() < fsc_true[3:14].mean() - 0.1
     again = read_optimisation_set(noisy[0.5])  # the records passed in were not modified
