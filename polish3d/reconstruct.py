@@ -31,7 +31,7 @@ What ``relion_tomo_reconstruct_particle`` does, in JAX, for any optimisation set
    10 px of the sphere.
 
 Pairs are processed in fixed-size chunks of one compiled function (memory bounded by the chunk
-and the two ``(s, s, s/2+1)`` accumulators per half set, complex64 + float32); the tilt images
+and the ``(s, s, s/2+1)`` accumulators of data and weight per half set, float32); the tilt images
 are read from the (memory-mapped) stacks only where a box lies.
 
 The **FSC** of the two half maps is :func:`polish3d.imaging.fsc_from_half_maps` (shells of
@@ -209,7 +209,8 @@ _AXES = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1]], np.int32)
 
 
 def _insert_one(data2d, weight2d, bmat, max_freq, box: int):
-    """Candidate voxels of one slice: flat indices (``−1``: none), data and weight values.
+    """Candidate voxels of one slice: flat indices ``(n,)`` (``−1``: none) and their values
+    ``(n, 3)``: real and imaginary part of the data, weight.
 
     The candidates are generated in the frame ``(a, b, c)`` of the dominant axis ``a`` of the
     plane normal; the columns of ``bmat``, the voxel bounds and the index strides are permuted
@@ -257,15 +258,14 @@ def _insert_one(data2d, weight2d, bmat, max_freq, box: int):
     v1 = (1 - fx)[..., None] * img[y1, x0] + fx[..., None] * img[y1, x1]
     v = (1 - fy)[..., None] * v0 + fy[..., None] * v1
     tent = jnp.where(ok, 1.0 - jnp.abs(zeta), 0.0)
-    im = jnp.where(neg, -v[..., 1], v[..., 1])  # Friedel mate: complex conjugate
-    d = (v[..., 0] + 1j * im) * tent
-    w = v[..., 2] * tent
+    sign = jnp.stack([jnp.ones_like(xi), jnp.where(neg, -1.0, 1.0), jnp.ones_like(xi)], -1)
+    v = v * sign * tent[..., None]  # Friedel mate: complex conjugate
     ia = ca.astype(jnp.int32)
     ib = jnp.broadcast_to(cb, ca.shape).astype(jnp.int32)
     ic = jnp.broadcast_to(cc_, ca.shape).astype(jnp.int32)
     flat = jnp.mod(ia, s) * stride[0] + jnp.mod(ib, s) * stride[1] + jnp.mod(ic, s) * stride[2]
     flat = jnp.where(ok, flat, -1)
-    return flat.reshape(-1), d.reshape(-1).astype(jnp.complex64), w.reshape(-1)
+    return flat.reshape(-1), v.reshape(-1, 3)
 
 
 @functools.cache
@@ -280,7 +280,7 @@ def _insert_kernel(box: int, window: int):
     s, sh = box, box // 2 + 1
     nvox = s * s * sh
 
-    def run(acc_d, acc_w, windows, frac, bmat, dz, tilt, half, valid, const):
+    def run(acc, windows, frac, bmat, dz, tilt, half, valid, const):
         y = observe_windows(windows, frac)  # (P, w, w//2+1), exact position at the origin
         if window != box:  # Fourier crop to the output box (binning)
             y = jnp.concatenate([y[:, : s // 2, :sh], y[:, window - s // 2 :, :sh]], axis=1)
@@ -295,15 +295,14 @@ def _insert_kernel(box: int, window: int):
 
         ctf = jax.vmap(ctf_one)(tilt, const["hand_slope_px"] * dz)
         c = -ctf * const["dose"][tilt] * const["rows"][tilt] * valid[:, None, None]
-        flat, dv, wv = jax.vmap(_insert_one, in_axes=(0, 0, 0, 0, None))(
+        flat, vals = jax.vmap(_insert_one, in_axes=(0, 0, 0, 0, None))(
             c * y, c * c, bmat, const["max_freq"][tilt], box
         )
         idx = jnp.where(flat >= 0, flat + (half[:, None] - 1) * nvox, 2 * nvox)
-        acc_d = acc_d.at[idx.reshape(-1)].add(dv.reshape(-1), mode="drop")
-        acc_w = acc_w.at[idx.reshape(-1)].add(wv.reshape(-1), mode="drop")
-        return acc_d, acc_w
+        # real-valued scatter (portable to every backend); out-of-range indices are dropped
+        return acc.at[idx.reshape(-1)].add(vals.reshape(-1, 3), mode="drop")
 
-    return jax.jit(run, donate_argnums=(0, 1))
+    return jax.jit(run, donate_argnums=(0,))
 
 
 def _tomogram_constants(ts: TiltSeriesData, options: ReconstructOptions) -> dict:
@@ -341,12 +340,12 @@ def _tomogram_constants(ts: TiltSeriesData, options: ReconstructOptions) -> dict
 
 
 def new_accumulators(box: int):
-    """Zeroed accumulators: data ``(2·s·s·(s//2+1),)`` complex64 and weights float32 (half set
-    1 first, each half in ``[kz, ky, kx]`` order, centred phase)."""
+    """Zeroed accumulators ``(2·s·s·(s//2+1), 3)`` float32: real and imaginary part of the data
+    and the weight per frequency (half set 1 first, each half in ``[kz, ky, kx]`` order,
+    centred phase)."""
     import jax.numpy as jnp
 
-    n = 2 * box * box * (box // 2 + 1)
-    return jnp.zeros(n, jnp.complex64), jnp.zeros(n, jnp.float32)
+    return jnp.zeros((2 * box * box * (box // 2 + 1), 3), jnp.float32)
 
 
 def backproject_tomogram(
@@ -378,10 +377,10 @@ def backproject_tomogram(
 
     box = options.box
     window = options.window_px
-    acc_d, acc_w = accumulators if accumulators is not None else new_accumulators(box)
+    acc = accumulators if accumulators is not None else new_accumulators(box)
     n, f = particles.n_particles, ts.n_tilts
     if n == 0:
-        return (acc_d, acc_w), np.zeros(2, int), np.zeros(2, int)
+        return acc, np.zeros(2, int), np.zeros(2, int)
     if tuple(np.shape(stack)) != (f, ts.image_size_px[1], ts.image_size_px[0]):
         raise InputError(
             f"{ts.name}: stack is {tuple(np.shape(stack))}, expected (F, H, W) = "
@@ -420,8 +419,8 @@ def backproject_tomogram(
 
         valid = np.zeros(batch, np.float32)
         valid[:m] = 1.0
-        acc_d, acc_w = kernel(
-            acc_d, acc_w, jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
+        acc = kernel(
+            acc, jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
             jnp.asarray(padded(bmat[p_b, t_b]), jnp.float32),
             jnp.asarray(padded(rel_depth[p_b, t_b]), jnp.float32),
             jnp.asarray(padded(t_b), jnp.int32), jnp.asarray(padded(half_set[p_b]), jnp.int32),
@@ -429,7 +428,7 @@ def backproject_tomogram(
         )
     pairs = np.array([np.sum(vis[half_set == h]) for h in (1, 2)])
     parts = np.array([np.sum(vis[half_set == h].any(axis=1)) for h in (1, 2)])
-    return (acc_d, acc_w), pairs, parts
+    return acc, pairs, parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,8 +609,9 @@ def reconstruct(
             "no particle is visible in any tilt (box --b too large for the images, or no particles)"
         )
     shape = (options.box, options.box, options.box // 2 + 1)
-    acc_d = np.asarray(acc[0]).reshape(2, *shape)
-    acc_w = np.asarray(acc[1]).reshape(2, *shape)
+    a = np.asarray(acc).reshape(2, *shape, 3)
+    acc_d = a[..., 0] + 1j * a[..., 1].astype(np.complex128)
+    acc_w = a[..., 2]
     h1, f1 = finish_map(acc_d[0], acc_w[0], options)
     h2, f2 = finish_map(acc_d[1], acc_w[1], options)
     mg, fm = finish_map(acc_d[0] + acc_d[1], acc_w[0] + acc_w[1], options)

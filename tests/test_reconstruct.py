@@ -101,10 +101,11 @@ def test_insertion_touches_relions_voxels_with_relions_values(angles):
     weight = rng.uniform(0.1, 1.0, size=(s, s // 2 + 1)).astype(np.float32)
     a = geo.euler_zyz_matrix(*angles)
     bmat = np.linalg.inv(a).T
-    flat, d, w = rc._insert_one(
+    flat, vals = rc._insert_one(
         jnp.asarray(data), jnp.asarray(weight), jnp.asarray(bmat, jnp.float32), 4.0, s
     )
-    flat, d, w = np.asarray(flat), np.asarray(d), np.asarray(w)
+    flat, vals = np.asarray(flat), np.asarray(vals)
+    d, w = vals[:, 0] + 1j * vals[:, 1], vals[:, 2]
     n = s * s * (s // 2 + 1)
     ok = flat >= 0
     assert len(np.unique(flat[ok])) == ok.sum()  # each voxel once per slice
