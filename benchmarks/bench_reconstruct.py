@@ -118,7 +118,7 @@ def main() -> None:
         print(line)
     if relion:
         d = np.abs(fsc["polish3d"] - fsc["relion"])
-        print(f"max |FSC difference| over shells 1..{n // 2}: {d[1:].max():.4f} "
+        print(f"max |FSC difference| over shells 1..{n // 2}: {d[1:].max():.1e} "
               f"(shell {int(np.argmax(d[1:])) + 1}); target 0.02")
         cc = np.corrcoef(merged["polish3d"].ravel(), merged["relion"].ravel())[0, 1]
         _, fsc_cross = fsc_from_half_maps(merged["polish3d"], merged["relion"])
