@@ -90,7 +90,10 @@ def _relion_backward(data2d, weight2d, bmat, max_freq, s):
 
 
 @pytest.mark.parametrize(
-    "angles", [(0.0, 0.0, 0.0), (0.0, 90.0, 0.0), (30.0, 50.0, -20.0), (100.0, 170.0, 65.0)]
+    # normal along z, x, y exactly; then oblique with x, z, y the largest component
+    "angles",
+    [(0.0, 0.0, 0.0), (0.0, 90.0, 0.0), (90.0, 90.0, 0.0), (30.0, 50.0, -20.0),
+     (100.0, 170.0, 65.0), (80.0, 60.0, 10.0)],
 )
 def test_insertion_touches_relions_voxels_with_relions_values(angles):
     import jax.numpy as jnp
