@@ -201,7 +201,7 @@ def main() -> None:
 
 
 def _register_optional_commands() -> None:
-    for module in ("polish3d.simulate", "polish3d.score", "polish3d.fiducials"):
+    for module in ("polish3d.simulate", "polish3d.score", "polish3d.fiducials", "polish3d.reconstruct"):
         try:
             mod = __import__(module, fromlist=["register_cli"])
         except ImportError:
