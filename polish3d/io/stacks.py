@@ -1,0 +1,92 @@
+"""Tilt images as one ``(F, H, W)`` array-like over the sections of one or several MRC files.
+
+Non-finite pixels (NaN, ±inf: a dead detector patch, a failed motion correction) are masked on
+opening: each affected tilt is read once, its non-finite pixels are replaced by the mean of its
+finite pixels (0 when it has none), and the count is kept in :attr:`StackView.non_finite`. A box
+that is entirely masked is then constant, so after the mean removal of the extraction window it
+carries no signal and adds nothing to the cross-correlation. (No JAX here.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["StackView"]
+
+
+class StackView:
+    """``(F, H, W)`` float32 view over tilt images stored as sections of MRC files.
+
+    Args:
+        image_files: ``[(path, section), ...]`` in tilt order.
+        mask_non_finite: scan every tilt for non-finite pixels and replace them (see module).
+
+    Attributes:
+        shape: ``(F, H, W)``.
+        non_finite: ``{tilt index: number of non-finite pixels replaced}`` (empty when clean).
+    """
+
+    def __init__(self, image_files: list[tuple[str, int]], *, mask_non_finite: bool = True):
+        from polish3d.io import mrc
+
+        self._files = {}
+        for path, _ in image_files:
+            if path not in self._files:
+                self._files[path] = mrc.open_stack(path)
+        self._items = [(self._files[p], i) for p, i in image_files]
+        first = self._items[0][0]
+        self.shape = (len(self._items), first.shape[1], first.shape[2])
+        self.non_finite: dict[int, int] = {}
+        self._clean: dict[int, np.ndarray] = {}
+        if mask_non_finite:
+            self._mask_non_finite()
+        single = len(self._files) == 1 and not self._clean
+        self._single = first if single else None
+        self._index = np.array([i for _, i in image_files]) if single else None
+
+    def _mask_non_finite(self) -> None:
+        for j, (arr, i) in enumerate(self._items):
+            if not np.issubdtype(arr.dtype, np.floating):
+                continue
+            img = arr[i]
+            # one float64 sum per tilt: finite unless a pixel is not (or the sum overflows,
+            # which the exact test below then clears)
+            if np.isfinite(np.sum(img, dtype=np.float64)):
+                continue
+            ok = np.isfinite(img)
+            bad = int(ok.size - np.count_nonzero(ok))
+            if bad == 0:
+                continue
+            clean = np.array(img, np.float32)
+            clean[~ok] = float(np.mean(clean[ok], dtype=np.float64)) if bad < ok.size else 0.0
+            self._clean[j] = clean
+            self.non_finite[j] = bad
+
+    def _image(self, j: int):
+        if j in self._clean:
+            return self._clean[j]
+        arr, i = self._items[j]
+        return arr[i]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            j = int(key)
+            if j < 0:
+                j += self.shape[0]
+            if not 0 <= j < self.shape[0]:
+                raise IndexError(f"tilt {key} out of range for {self.shape[0]} tilts")
+            return self._image(j)
+        if self._single is not None and isinstance(key, tuple):
+            fi = np.asarray(key[0])
+            return self._single[(self._index[fi],) + tuple(key[1:])]
+        fi = np.broadcast_to(np.asarray(key[0]), np.broadcast_shapes(*[np.shape(k) for k in key]))
+        out = np.empty(fi.shape, np.float32)
+        iy = np.broadcast_to(key[1], fi.shape)
+        ix = np.broadcast_to(key[2], fi.shape)
+        for j in np.unique(fi):
+            m = fi == j
+            out[m] = self._image(int(j))[iy[m], ix[m]]
+        return out
