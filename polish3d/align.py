@@ -999,7 +999,7 @@ def select_device(device: str, flag: str = "--device") -> str:
     previous = jax.config.jax_platforms
     try:
         jax.config.update("jax_platforms", device)
-        jax.devices()
+        jax.devices(device)
     except Exception:  # noqa: BLE001 - JAX says "Unable to initialize backend 'rocm'" and the like
         jax.config.update("jax_platforms", previous)
         present = []
