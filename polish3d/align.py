@@ -269,6 +269,19 @@ class OutputLock:
         return False
 
 
+class _Held:
+    """Release an already taken :class:`OutputLock` when the block ends."""
+
+    def __init__(self, lock: OutputLock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self.lock
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
 def error_summary(exc: BaseException) -> str:
     """The one-line summary of an error as the command line prints it."""
     from polish3d.errors import InputError, Terminated
@@ -512,12 +525,13 @@ def align(
         prepared = _read_inputs(inputs, config, motion, deformation)
         tset, pset, trajectories = prepared["tset"], prepared["pset"], prepared["trajectories"]
         check_output_folder(out_dir, prepared["input_files"], prepared["tilt_outputs"], shown=shown)
+        lock = OutputLock(out_dir).__enter__()
     except BaseException:
         log.removeHandler(early)
         early.close()
         raise
 
-    with OutputLock(out_dir):
+    with _Held(lock):
         if pipeline_markers:
             for m in MARKERS:
                 (out_dir / m).unlink(missing_ok=True)
@@ -607,7 +621,11 @@ def align(
                 "skipped": skipped,
                 "not_refined": not_refined,
             }
-            _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1, default=float))
+            from polish3d.score import _json_safe
+
+            # strict JSON: an undefined figure (NaN) is written as null
+            _atomic_write_text(out_dir / "metrics.json",
+                               json.dumps(_json_safe(metrics), indent=1, allow_nan=False, default=str))
             if not_refined:
                 log.warning("%d tomogram(s) could not be refined and keep their input geometry: %s",
                             len(not_refined), ", ".join(not_refined))
@@ -933,9 +951,13 @@ def run_from_cli(options: dict, extra_args: list[str], argv: list[str]) -> Align
         return _run_validated(o, argv, pipeline)
     except BaseException as exc:
         if not isinstance(exc, OutputRefused):
-            _log_error_line(out, exc)
-            if pipeline:
+            if pipeline:  # RELION waits for a marker in the job folder: make sure there is one
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError:
+                    pass
                 _write_marker(out, False)
+            _log_error_line(out, exc)
         raise
     finally:
         if previous is not None:

@@ -337,11 +337,16 @@ def score(refined_set, truth_set) -> dict:
 
 
 def _json_safe(value):
-    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+    """``value`` as plain JSON values: arrays and NumPy scalars converted, every non-finite
+    number replaced by ``None`` (JSON has no NaN; ``json.dumps(..., allow_nan=False)`` holds)."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value

@@ -53,6 +53,10 @@ def _cli(cwd: Path, *args: str):
         os.chdir(old)
 
 
+def _no_constants(name):
+    raise AssertionError(f"{name} in a JSON file (not JSON)")
+
+
 def _clean_message(res) -> str:
     text = res.output
     assert "Traceback" not in text, text
@@ -330,7 +334,7 @@ def test_nan_patch_is_masked_and_counted(root, tmp_path):
     assert {k: v for k, v in _digest(d).items() if not k.startswith("out/")} == before
     logtext = (d / "out/polish3d.log").read_text()
     assert "100 non-finite pixel(s) (NaN/inf) in 1 tilt image(s)" in logtext and "tilt 4: 100" in logtext
-    m = json.loads((d / "out/metrics.json").read_text())["tomograms"]["TS_01"]
+    m = json.loads((d / "out/metrics.json").read_text(), parse_constant=_no_constants)["tomograms"]["TS_01"]
     assert m["non_finite_pixels"] == {"4": 100}
     assert np.all(np.isfinite(m["per_tilt_cc_first"]))
     from polish3d.score import score
@@ -364,6 +368,15 @@ def test_flag_error_goes_into_the_log(root, tmp_path):
     assert res.exit_code == 2
     last = (out / "polish3d.log").read_text().splitlines()[-1]
     assert last.endswith("ERROR --j 0: expected a number of threads >= 1"), last
+
+
+def test_pipeline_error_always_leaves_the_failure_marker(root, tmp_path):
+    out = tmp_path / "External/job020"  # not created yet
+    res = _cli(root, "align", "--i", "sim/optimisation_set.star", *FLAGS, "--s_vel", "-0.5", "--o", out,
+               "--pipeline_control", out)
+    assert res.exit_code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["RELION_JOB_EXIT_FAILURE", "polish3d.log"]
+    assert "ERROR --s_vel -0.5: expected a positive velocity sigma" in (out / "polish3d.log").read_text()
 
 
 def test_second_run_on_a_locked_folder_refuses(root, refined):
@@ -555,8 +568,42 @@ def test_score_json_is_strict(root, tmp_path):
                tmp_path / "s.json")
     assert res.exit_code == 0, res.output
 
-    def no_constants(name):
-        raise AssertionError(f"{name} in the JSON")
-
-    data = json.loads((tmp_path / "s.json").read_text(), parse_constant=no_constants)
+    data = json.loads((tmp_path / "s.json").read_text(), parse_constant=_no_constants)
     assert data["overall"]["n"] == 8 * 7
+
+
+# ----------------------------------------------------------------------------------------------
+# simulate
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--n_particles", "0"], "--n_particles 0: expected at least 1 particle"),
+        (["--n_particles", "-2"], "--n_particles -2"),
+        (["--n_tomograms", "0"], "--n_tomograms 0"),
+        (["--tilt_step", "0"], "--tilt_step 0"),
+        (["--tilt_min", "30", "--tilt_max", "-30"], "--tilt_min <= --tilt_max"),
+        (["--tilt_min", "-90"], "strictly between -90 and 90"),
+        (["--angpix", "0"], "--angpix 0"),
+        (["--box", "33"], "--box 33: expected an even box size"),
+        (["--image_size", "32"], "--image_size 32: expected tilt images larger than the box (32 px)"),
+        (["--thickness", "0"], "--thickness 0"),
+        (["--snr", "-1"], "--snr -1"),
+        (["--dose", "-1"], "--dose -1"),
+        (["--shift_err", "-1"], "--shift_err -1"),
+        (["--s_div", "0"], "--s_div 0"),
+    ],
+)
+def test_simulate_bad_values(tmp_path, flags, needle):
+    base = ["simulate", "--n_tomograms", "1", "--n_particles", "4", "--image_size", "96", "--box", "32"]
+    res = _cli(tmp_path, *base, *flags, "--o", "sim")
+    _refused(res, tmp_path, "sim", needle)
+
+
+def test_simulate_over_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    res = _cli(tmp_path, "simulate", "--o", "f")
+    text = _clean_message(res)
+    assert res.exit_code == 2 and "--o f: is an existing file" in text
+    assert (tmp_path / "f").read_text() == "x"
