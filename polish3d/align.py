@@ -602,6 +602,12 @@ def align(
                 if res is None:
                     not_refined[name] = f"{name}: every tilt image is entirely non-finite"
                     continue
+                arrays = (res.projections, res.positions_px, res.trajectories_px)
+                if any(a is not None and not np.all(np.isfinite(a)) for a in arrays):
+                    why = f"{name}: the refinement produced non-finite geometry; input geometry kept"
+                    log.warning("  %s", why)
+                    not_refined[name] = why
+                    continue
                 from polish3d.io.resume import save_result
 
                 save_result(out_dir, res, record)

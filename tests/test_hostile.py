@@ -357,6 +357,25 @@ def test_all_pixels_non_finite_fails(root, tmp_path):
     assert "ERROR nothing was refined" in (out / "polish3d.log").read_text()
 
 
+def test_non_finite_refinement_is_not_written(root, tmp_path, monkeypatch):
+    """Whatever goes wrong inside, NaN geometry never reaches the STAR files."""
+    from polish3d.model import TomogramResult
+    from polish3d.refine import tomogram
+
+    def broken(ts, parts, *args, **kwargs):
+        figures = dict.fromkeys(("seconds", "displacement_rms_px", "displacement_max_px"), 0.0)
+        return TomogramResult(name=ts.name, projections=np.full((ts.n_tilts, 4, 4), np.nan),
+                              positions_px=np.asarray(parts.positions_px), metrics=figures)
+
+    monkeypatch.setattr(tomogram, "refine_tomogram", broken)
+    out = tmp_path / "job"
+    res = _cli(root, "align", "--i", "sim/optimisation_set.star", *FLAGS, "--o", out)
+    text = _clean_message(res)
+    assert res.exit_code == 2, text
+    assert "nothing was refined: TS_01: the refinement produced non-finite geometry" in text
+    assert not any((out / f).exists() for f in STAR_OUTPUTS) and not (out / "temp/TS_01.npz").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # item 8: errors in the log, the lock, SIGTERM
 
@@ -540,6 +559,39 @@ def test_stack_view_masks_non_finite(tmp_path):
                           np.array([s[0, 1, 1], finite.mean()], np.float32))
     raw = StackView([(str(tmp_path / "s.mrcs"), j) for j in range(3)], mask_non_finite=False)
     assert raw.non_finite == {} and np.isnan(raw[1][2, 3])
+    big = np.full((1, 6, 5), 3e38, np.float32)  # finite, but its sum overflows
+    write_stack(tmp_path / "big.mrcs", big, 1.0)
+    v = StackView([(str(tmp_path / "big.mrcs"), 0)])
+    assert v.non_finite == {} and np.all(v[0] == np.float32(3e38))
+
+
+def test_output_folder_rules(tmp_path):
+    """Unit: what check_output_folder accepts (a folder holding inputs under other names) and
+    refuses (an input in temp/, an output name that is an input)."""
+    from polish3d.align import check_output_folder
+    from polish3d.errors import OutputRefused
+
+    project = tmp_path / "project"
+    (project / "Extract/job010").mkdir(parents=True)
+    parts = project / "Extract/job010/particles.star"
+    parts.write_text("x")
+    mine = project / "my_particles.star"
+    mine.write_text("y")
+    check_output_folder(project, {"particle set": parts})  # a RELION project folder: fine
+    check_output_folder(project, {"particle set": mine})  # another name in the same folder: fine
+    check_output_folder(tmp_path / "new/deeper", {"particle set": parts})  # not created yet: fine
+    with pytest.raises(OutputRefused, match="would overwrite the input particle set"):
+        check_output_folder(project / "Extract/job010", {"particle set": parts})
+    with pytest.raises(OutputRefused, match="tilt_series/TS_01.star would overwrite"):
+        ts = project / "tilt_series/TS_01.star"
+        ts.parent.mkdir()
+        ts.write_text("z")
+        check_output_folder(project, {"tilt-series STAR of TS_01": ts}, ["tilt_series/TS_01.star"])
+    (project / "temp").mkdir()
+    (project / "temp/ref.mrc").write_text("r")
+    with pytest.raises(OutputRefused, match="lies in temp/ of the output folder"):
+        check_output_folder(project, {"reference half map 1": project / "temp/ref.mrc"})
+    assert not (project / ".polish3d.lock").exists() and not (project / "polish3d.log").exists()
 
 
 # ----------------------------------------------------------------------------------------------

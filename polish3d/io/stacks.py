@@ -49,10 +49,11 @@ class StackView:
             if not np.issubdtype(arr.dtype, np.floating):
                 continue
             img = arr[i]
-            # one float64 sum per tilt: finite unless a pixel is not (or the sum overflows,
-            # which the exact test below then clears)
-            if np.isfinite(np.sum(img, dtype=np.float64)):
-                continue
+            # one pass per tilt, no allocation: the sum is finite unless a pixel is not (or the
+            # sum overflows, which the exact test below then clears)
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(np.sum(img)):
+                    continue
             ok = np.isfinite(img)
             bad = int(ok.size - np.count_nonzero(ok))
             if bad == 0:
