@@ -376,6 +376,57 @@ def test_non_finite_refinement_is_not_written(root, tmp_path, monkeypatch):
     assert not any((out / f).exists() for f in STAR_OUTPUTS) and not (out / "temp/TS_01.npz").exists()
 
 
+def _fake_refinement(monkeypatch, fault=None):
+    """Replace the refinement by an instant one that returns the input geometry, or raises."""
+    from polish3d.model import TomogramResult
+    from polish3d.refine import tomogram
+
+    def fake(ts, parts, *args, **kwargs):
+        if fault is not None:
+            raise fault
+        figures = dict.fromkeys(("seconds", "displacement_rms_px", "displacement_max_px"), 0.0)
+        return TomogramResult(name=ts.name, projections=np.asarray(ts.projections),
+                              positions_px=np.asarray(parts.positions_px), metrics=figures)
+
+    monkeypatch.setattr(tomogram, "refine_tomogram", fake)
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "needle"),
+    [
+        (OSError(28, "No space left on device", "particles.star"), 1,
+         "polish3d: error: No space left on device: particles.star"),
+        (RuntimeError("boom"), 1, "internal error: RuntimeError: boom (--verbose shows the traceback)"),
+        (KeyboardInterrupt(), 130, "polish3d: interrupted (SIGINT)"),
+    ],
+)
+def test_faults_during_the_run(root, tmp_path, monkeypatch, fault, code, needle):
+    """A fault while the run writes: its exit code, one line, the failure marker, the log line,
+    the lock released, no STAR output."""
+    import importlib
+
+    align_module = importlib.import_module("polish3d.align")  # (polish3d.align is also the function)
+    if isinstance(fault, OSError):  # the disk fills up while the outputs are written
+        _fake_refinement(monkeypatch)
+
+        def full(*args, **kwargs):
+            raise fault
+
+        monkeypatch.setattr(align_module, "_write_outputs", full)
+    else:
+        _fake_refinement(monkeypatch, fault)
+    out = tmp_path / "job"
+    res = _cli(root, "align", "--i", "sim/optimisation_set.star", *FLAGS, "--o", out,
+               "--pipeline_control", out)
+    text = _clean_message(res)
+    assert res.exit_code == code, text
+    assert needle in text
+    assert (out / "RELION_JOB_EXIT_FAILURE").exists() and not (out / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert not (out / ".polish3d.lock").exists()
+    assert not any((out / f).exists() for f in STAR_OUTPUTS)
+    assert " ERROR " in (out / "polish3d.log").read_text().splitlines()[-1]
+
+
 # ----------------------------------------------------------------------------------------------
 # item 8: errors in the log, the lock, SIGTERM
 
