@@ -525,6 +525,13 @@ def align(
         prepared = _read_inputs(inputs, config, motion, deformation)
         tset, pset, trajectories = prepared["tset"], prepared["pset"], prepared["trajectories"]
         check_output_folder(out_dir, prepared["input_files"], prepared["tilt_outputs"], shown=shown)
+        box = config.box
+        half1, ref_px = prepared["half1"], prepared["ref_px"]
+        refs_ft, (idx, fsc) = tomo_refine.prepare_references(
+            half1, prepared["half2"], box, prepared["mask"], names=prepared["map_names"]
+        )
+        if half1.shape[0] < box:
+            log.info("  Padding reference from %d to %d", half1.shape[0], box)
         lock = OutputLock(out_dir).__enter__()
     except BaseException:
         log.removeHandler(early)
@@ -542,14 +549,7 @@ def align(
         try:
             if write_note and command_line:
                 _atomic_write_text(out_dir / "note.txt", f"Command:\n\n{command_line}\n")
-            box = config.box
             names, plans = prepared["names"], prepared["plans"]
-            half1, ref_px = prepared["half1"], prepared["ref_px"]
-            refs_ft, (idx, fsc) = tomo_refine.prepare_references(
-                half1, prepared["half2"], box, prepared["mask"], names=prepared["map_names"]
-            )
-            if half1.shape[0] < box:
-                log.info("  Padding reference from %d to %d", half1.shape[0], box)
             if prepared["fsc_file"]:
                 idx, fsc = mrc.read_fsc(prepared["fsc_file"])
             options = _options_record(config, motion, deformation, freq_cutoff_ang, fsc_thresh_width,

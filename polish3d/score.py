@@ -404,6 +404,9 @@ def register_cli(app, run) -> None:
                 from polish3d.io.star import atomic_write_text
 
                 # strict JSON: an undefined statistic (NaN) is written as null
-                atomic_write_text(Path(json_out), json.dumps(_json_safe(res), indent=1, allow_nan=False))
+                try:
+                    atomic_write_text(Path(json_out), json.dumps(_json_safe(res), indent=1, allow_nan=False))
+                except OSError as exc:
+                    raise InputError(f"--json {json_out}: cannot write it ({exc.strerror or exc})") from None
 
         run(go)

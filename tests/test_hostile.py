@@ -288,7 +288,16 @@ def _outside(t):
     return t
 
 
+def _edit_mask(d: Path, fn) -> None:
+    from polish3d.io import read_map, write_map
+
+    m, px = read_map(d / "reference/mask.mrc")
+    write_map(d / "reference/mask.mrc", fn(np.array(m)), px)
+
+
 HOSTILE = {
+    "mask_shape": (lambda d: _edit_mask(d, lambda m: m[:-2, :-2, :-2]), ["mask.mrc is (30, 30, 30)"]),
+    "zero_mask": (lambda d: _edit_mask(d, np.zeros_like), ["mask.mrc: the mask is zero everywhere"]),
     "nan_reference": (lambda d: _edit_map(d, _nan_voxel), ["half1.mrc", "not finite (NaN or inf)"]),
     "zero_reference": (lambda d: _edit_map(d, np.zeros_like), ["half1.mrc", "constant (0 everywhere)"]),
     "constant_reference": (lambda d: _edit_map(d, lambda m: np.full_like(m, 2.5)), ["constant (2.5"]),
@@ -611,7 +620,8 @@ def test_stack_view_masks_non_finite(tmp_path):
     raw = StackView([(str(tmp_path / "s.mrcs"), j) for j in range(3)], mask_non_finite=False)
     assert raw.non_finite == {} and np.isnan(raw[1][2, 3])
     big = np.full((1, 6, 5), 3e38, np.float32)  # finite, but its sum overflows
-    write_stack(tmp_path / "big.mrcs", big, 1.0)
+    with np.errstate(over="ignore"):  # the header statistics overflow too
+        write_stack(tmp_path / "big.mrcs", big, 1.0)
     v = StackView([(str(tmp_path / "big.mrcs"), 0)])
     assert v.non_finite == {} and np.all(v[0] == np.float32(3e38))
 
@@ -664,6 +674,22 @@ def test_score_without_common_particles(root, tmp_path):
     assert res.exit_code == 2, text
     assert "no particle is in both sets" in text and "nan" not in text.lower()
     assert not (d / "s.json").exists()
+
+
+def test_score_json_not_writable(root, tmp_path):
+    if os.geteuid() == 0:
+        target = Path("/sys/kernel/score.json")
+        if not target.parent.is_dir():
+            pytest.skip("no read-only folder for root here")
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        target = tmp_path / "ro/score.json"
+    res = _cli(root / "sim", "score", "optimisation_set.star", "truth/optimisation_set.star",
+               "--json", target)
+    text = _clean_message(res)
+    assert res.exit_code == 2, text
+    assert f"--json {target}: cannot write it" in text
 
 
 def test_score_json_is_strict(root, tmp_path):
