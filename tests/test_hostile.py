@@ -626,6 +626,40 @@ def test_stack_view_masks_non_finite(tmp_path):
     assert v.non_finite == {} and np.all(v[0] == np.float32(3e38))
 
 
+def test_stack_view_usable_boxes(tmp_path):
+    """Boxes mostly inside a masked patch are reported unusable; clean tilts are always usable."""
+    from polish3d.io import write_stack
+    from polish3d.io.stacks import StackView
+
+    s = np.ones((2, 64, 80), np.float32)
+    s[1, 0:32, 0:40] = np.nan  # top-left quarter of tilt 2
+    with pytest.warns(RuntimeWarning):
+        write_stack(tmp_path / "s.mrcs", s, 1.0)
+    v = StackView([(str(tmp_path / "s.mrcs"), j) for j in range(2)])
+    u = np.array([[[16.0, 16.0], [16.0, 16.0]],  # inside the patch on tilt 2
+                  [[60.0, 48.0], [60.0, 48.0]],  # clear of it
+                  [[40.0, 32.0], [40.0, 32.0]]])  # a quarter of the box in it
+    assert v.usable(u, 16).tolist() == [[True, False], [True, True], [True, True]]
+    assert v.usable(u, 16, max_masked=0.2).tolist() == [[True, False], [True, True], [True, False]]
+
+
+def test_large_nan_patch_boxes_left_out(root, tmp_path):
+    def patch(s):
+        s[2, :, :70] = np.nan  # the left half of one tilt
+        return s
+
+    d = _variant(root, tmp_path, lambda d: _edit_stack(d, patch))
+    res = _cli(d, "align", "--i", "optimisation_set.star", *FLAGS, "--o", "out")
+    assert res.exit_code == 0, res.output
+    logtext = (d / "out/polish3d.log").read_text()
+    assert "8960 non-finite pixel(s) (NaN/inf) in 1 tilt image(s)" in logtext
+    assert "particle–tilt box(es) lie mostly (> 50 %) in masked pixels and are left out" in logtext
+    from polish3d.score import score
+
+    s = score(d / "out/optimisation_set.star", d / "truth/optimisation_set.star")
+    assert s["overall"]["rms"] < 0.5
+
+
 def test_output_folder_rules(tmp_path):
     """Unit: what check_output_folder accepts (a folder holding inputs under other names) and
     refuses (an input in temp/, an output name that is an input)."""
