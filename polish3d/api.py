@@ -81,18 +81,9 @@ def set_device(platform: Literal["cpu", "gpu", "tpu"]) -> str:
         InputError: unknown platform, no device of that kind on this machine, or JAX already
             initialised on another platform.
     """
-    import jax
+    from polish3d.align import select_device
 
-    if platform not in ("cpu", "gpu", "tpu"):
-        raise InputError(f"device {platform!r}: expected 'cpu', 'gpu' or 'tpu'")
-    previous = jax.config.jax_platforms
-    try:
-        jax.config.update("jax_platforms", platform)
-        jax.devices(platform)
-        backend = jax.default_backend()
-    except Exception as exc:  # no such backend on this machine
-        jax.config.update("jax_platforms", previous)
-        raise InputError(f"device {platform!r} is not available: {exc}") from None
+    backend = select_device(platform, flag="device")
     if backend != platform:
         raise InputError(
             f"device {platform!r}: JAX already computes on {backend!r}; call set_device before "
@@ -168,7 +159,7 @@ def make_align_config(box: int, **options) -> Any:
 
 
 def _options(box: int, options: Mapping[str, Any]) -> _Options:
-    from polish3d.align import _deformation_config, _motion_config
+    from polish3d.align import _deformation_config, _motion_config, check_window
     from polish3d.refine.tomogram import AlignConfig
 
     fields = {f.name: f for f in dataclasses.fields(AlignConfig)}
@@ -196,9 +187,7 @@ def _options(box: int, options: Mapping[str, Any]) -> _Options:
         raise InputError(f"box {box}: must be a positive even number of pixels")
     o = dict(_OTHER_DEFAULTS)
     o.update(options)
-    r = float(kwargs.get("r", fields["r"].default))
-    if r <= 0 or r + 3 > b / 2:
-        raise InputError(f"r {r:g}: must be positive and fit in the box (r < box/2 − 3)")
+    check_window(float(kwargs.get("r", fields["r"].default)), b, "r", "box")
     if o["shift_only"] and o["motion"]:
         raise InputError("shift_only cannot be combined with motion (as in RELION)")
     return _Options(
@@ -239,12 +228,12 @@ class OptimisationSetData:
 
     def stack(self, name: str):
         """``(F, H, W)`` float32 tilt images of one tomogram in file order (memory-mapped view)."""
-        from polish3d.align import _StackView
+        from polish3d.io.stacks import StackView
 
         ts = self.tilt_series[name]
         if not ts.image_files:
             raise InputError(f"{name}: no tilt images listed")
-        return _StackView(ts.image_files)
+        return StackView(ts.image_files)
 
     def half_maps(self) -> tuple[np.ndarray, np.ndarray]:
         """The two reference half maps ``[z, y, x]`` (``rlnTomoReferenceMap1/2File``)."""
@@ -430,6 +419,7 @@ def refine_tilt_series(
         InputError: inconsistent shapes or invalid options.
         TypeError: an unknown option name.
     """
+    from polish3d.align import check_config, check_reference_maps
     from polish3d.refine.tomogram import prepare_references, reference_envelope, refine_tomogram
 
     o = _options(box, dict(options, r=r))
@@ -440,6 +430,8 @@ def refine_tilt_series(
         )
     if particles.n_particles == 0:
         raise InputError(f"{ts.name}: no particles")
+    check_reference_maps(*half_maps, mask)
+    check_config(o.config, o.motion, o.deformation)
     refs_ft, (idx, fsc_v) = prepare_references(*half_maps, box, mask)
     if isinstance(fsc, tuple):
         idx, fsc_v = (np.asarray(a, np.float64) for a in fsc)

@@ -178,16 +178,36 @@ def align_cmd(
 
 
 def _run(fn) -> None:
+    """Run a command; every failure becomes one line on stderr and an exit code (see docs/cli.md).
+
+    2: bad input, flag or output folder (:class:`InputError`); 1: a file-system error or an
+    internal error; 130: SIGINT; 143: SIGTERM. ``--verbose`` re-raises (traceback).
+    """
+    import click
+
+    from polish3d.align import error_summary
+    from polish3d.errors import Terminated
+
     try:
         fn()
-    except InputError as exc:
-        if _STATE["verbose"]:
-            raise
-        typer.echo(f"polish3d: error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
     except NotImplementedError as exc:
         typer.echo(f"polish3d: {exc}", err=True)
         raise typer.Exit(2) from None
+    except (InputError, OSError, Exception) as exc:
+        if _STATE["verbose"]:
+            raise
+        code = 2 if isinstance(exc, InputError) else 1
+        hint = "" if isinstance(exc, (InputError, OSError)) else " (--verbose shows the traceback)"
+        typer.echo(f"polish3d: error: {error_summary(exc)}{hint}", err=True)
+        raise typer.Exit(code) from None
+    except Terminated as exc:
+        typer.echo(f"polish3d: {error_summary(exc)}", err=True)
+        raise typer.Exit(128 + exc.signum) from None
+    except KeyboardInterrupt:
+        typer.echo("polish3d: interrupted (SIGINT)", err=True)
+        raise typer.Exit(130) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -257,6 +257,9 @@ def score(refined_set, truth_set) -> dict:
             )
         index_r = {n: i for i, n in enumerate(p_r.names)}
         it = [i for i, n in enumerate(p_t.names) if n in index_r]
+        if not it:  # no particle of this tomogram in both sets: nothing to measure
+            per_tomo[name] = {"n_matched": 0, "n_missing": p_t.n_particles}
+            continue
         ir = [index_r[p_t.names[i]] for i in it]
         sub_t = p_t.replace(
             names=[p_t.names[i] for i in it],
@@ -317,6 +320,13 @@ def score(refined_set, truth_set) -> dict:
             "n_matched": len(it),
             "n_missing": p_t.n_particles - len(it),
         }
+    if not all_d:
+        from polish3d.errors import InputError
+
+        raise InputError(
+            f"{refined_set} and {truth_set}: no particle is in both sets (matched by tomogram "
+            "name and rlnTomoParticleName); nothing to score"
+        )
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
     return {
         "overall": _stats(cat(all_d)),
@@ -324,6 +334,22 @@ def score(refined_set, truth_set) -> dict:
         "position_error_px": _stats(cat(all_pos)),
         "tomograms": per_tomo,
     }
+
+
+def _json_safe(value):
+    """``value`` as plain JSON values: arrays and NumPy scalars converted, every non-finite
+    number replaced by ``None`` (JSON has no NaN; ``json.dumps(..., allow_nan=False)`` holds)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def format_table(result: dict) -> str:
@@ -375,6 +401,12 @@ def register_cli(app, run) -> None:
                 raise InputError(str(exc)) from exc
             typer.echo(format_table(res))
             if json_out:
-                Path(json_out).write_text(json.dumps(res, indent=1))
+                from polish3d.io.star import atomic_write_text
+
+                # strict JSON: an undefined statistic (NaN) is written as null
+                try:
+                    atomic_write_text(Path(json_out), json.dumps(_json_safe(res), indent=1, allow_nan=False))
+                except OSError as exc:
+                    raise InputError(f"--json {json_out}: cannot write it ({exc.strerror or exc})") from None
 
         run(go)

@@ -77,7 +77,7 @@ class SimulationConfig:
         box_px: box size ``s`` (reference box; also the alignment box).
         image_size_px: tilt-image size ``(W, H)``.
         tomo_thickness_px: tomogram depth ``d0`` (tomogram size is ``(W, H, d0)``).
-        snr: per-pixel SNR over the particle footprint (see module docstring).
+        snr: per-pixel SNR over the particle footprint (see module docstring); 0: no noise.
         tilt_axis_deg: ``rlnTomoZRot`` of the true geometry.
         x_tilt_err_deg, y_tilt_err_deg, z_rot_err_deg: std. dev. of the per-tilt angle errors
             of the nominal geometry (degrees).
@@ -405,6 +405,42 @@ def _place_particles(rng, cfg, n, radius_px, proj_list):
 # ----------------------------------------------------------------------------------------------
 
 
+def check_config(cfg: SimulationConfig) -> None:
+    """Refuse values under which no meaningful set can be simulated (names the CLI flag).
+
+    Raises:
+        ValueError: naming the flag (``--n_particles`` …) and what was expected.
+    """
+
+    def need(cond, flag, value, expected):
+        if not cond:
+            raise ValueError(f"{flag} {value}: expected {expected}")
+
+    need(cfg.n_tomograms >= 1, "--n_tomograms", cfg.n_tomograms, "at least 1 tilt series")
+    need(cfg.n_particles >= 1, "--n_particles", cfg.n_particles, "at least 1 particle")
+    need(cfg.n_unlisted >= 0, "--n_unlisted", cfg.n_unlisted, "a number >= 0")
+    need(np.isfinite(cfg.tilt_step_deg) and cfg.tilt_step_deg > 0, "--tilt_step", cfg.tilt_step_deg,
+         "a positive step in degrees")
+    need(cfg.tilt_min_deg <= cfg.tilt_max_deg, "--tilt_min/--tilt_max",
+         f"{cfg.tilt_min_deg:g}/{cfg.tilt_max_deg:g}", "--tilt_min <= --tilt_max")
+    need(-90 < cfg.tilt_min_deg and cfg.tilt_max_deg < 90, "--tilt_min/--tilt_max",
+         f"{cfg.tilt_min_deg:g}/{cfg.tilt_max_deg:g}", "tilts strictly between -90 and 90 degrees")
+    need(np.isfinite(cfg.pixel_size_ang) and cfg.pixel_size_ang > 0, "--angpix", cfg.pixel_size_ang,
+         "a positive pixel size in Å")
+    need(cfg.box_px >= 8 and cfg.box_px % 2 == 0, "--box", cfg.box_px, "an even box size >= 8 pixels")
+    need(min(cfg.image_size_px) > cfg.box_px, "--image_size", min(cfg.image_size_px),
+         f"tilt images larger than the box ({cfg.box_px} px)")
+    need(cfg.tomo_thickness_px > 0, "--thickness", cfg.tomo_thickness_px, "a positive thickness in pixels")
+    need(np.isfinite(cfg.snr) and cfg.snr >= 0, "--snr", cfg.snr, "an SNR >= 0 (0: no noise)")
+    need(cfg.dose_per_tilt_e_per_ang2 >= 0, "--dose", cfg.dose_per_tilt_e_per_ang2, "a dose >= 0 e⁻/Å²")
+    for flag, value in (("--x_tilt_err", cfg.x_tilt_err_deg), ("--y_tilt_err", cfg.y_tilt_err_deg),
+                        ("--z_rot_err", cfg.z_rot_err_deg), ("--shift_err", cfg.shift_err_px),
+                        ("--position_err", cfg.position_err_px), ("--s_vel", cfg.s_vel),
+                        ("--deformation", cfg.deformation_amplitude_px)):
+        need(np.isfinite(value) and value >= 0, flag, value, "a standard deviation >= 0")
+    need(cfg.s_div > 0, "--s_div", cfg.s_div, "a positive correlation length (Å)")
+
+
 def simulate(config: SimulationConfig, out_dir, reference=None) -> SimulationResult:
     """Simulate an optimisation set with ground truth (see the module docstring).
 
@@ -427,7 +463,10 @@ def simulate(config: SimulationConfig, out_dir, reference=None) -> SimulationRes
 
     t_start = time.perf_counter()
     cfg = config
+    check_config(cfg)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--o {out_dir}: is an existing file, not a folder; give a folder")
     (out / "reference").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)
     (out / "tilt_series").mkdir(parents=True, exist_ok=True)

@@ -351,6 +351,8 @@ def refine_tomogram(
         cdepth = p[:, 2, :3] @ centre + p[:, 2, 3]
         rot = np.einsum("fij,njk->nfik", p[:, :3, :3], particles.rotations)
         vis = _visible(u, ts.image_size_px, box) & frame_ok[None, :]
+        if hasattr(stack, "usable"):  # io.stacks.StackView: leave out boxes mostly in masked pixels
+            vis &= stack.usable(u, box)
         return u, depth, cdepth, rot, vis
 
     u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
