@@ -200,6 +200,8 @@ def gather(out_dir) -> RunData:
             in_sets = _read_sets(*found[:4])
         except InputError as exc:
             in_sets, where = None, f"input geometry not readable: {exc}"
+    if out_sets[1] is None and in_sets is not None:  # --shift_only writes no particles.star
+        out_sets = (out_sets[0], in_sets[1], out_sets[2])
     tomos = [_tomo_data(n, m, out_sets, in_sets) for n, m in metrics["tomograms"].items()]
     return RunData(out_dir, metrics, tomos, where, _log_warnings(out_dir), command)
 
