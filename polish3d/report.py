@@ -6,7 +6,8 @@ Everything comes from what ``polish3d align`` left in ``<o>``: ``metrics.json``,
 changes and the particle displacements) is located through ``metrics["inputs"]`` if present,
 else through the ``--i/--t/--p/--mot`` flags in ``note.txt``; without it those plots say
 "not computed" and the rest still renders. Plots are PNGs embedded as base64; nothing else
-is read or written, inputs are never modified, the page is written atomically.
+is read or written, inputs are never modified, the page is written atomically. The plots are
+drawn by :mod:`polish3d.report_figures`.
 
 **Keys of metrics.json read here** (all optional except ``tomograms``; a section whose data is
 absent says "not computed"):
@@ -31,9 +32,7 @@ Per-tilt rows are file rows (0-based) of the tilt-series STAR tables; ``null`` s
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import shlex
@@ -45,16 +44,20 @@ import numpy as np
 import typer
 
 from polish3d.errors import InputError
+from polish3d.report_figures import (
+    fig_deformation,
+    fig_displacements,
+    fig_fsc,
+    fig_geometry,
+    fig_per_tilt,
+    fig_trajectories,
+    fig_validation,
+)
 
 __all__ = ["build_report", "gather", "register_cli", "write_report"]
 
 log = logging.getLogger("polish3d")
 
-#: one colour per quantity, the same in every plot
-COLOURS = {
-    "x": "#1f77b4", "y": "#ff7f0e", "z": "#2ca02c", "input": "#7f7f7f", "refined": "#1f77b4",
-    "kept": "#2ca02c", "rolled back": "#d62728", "no signal": "#7f7f7f", "bar": "#4c72b0",
-}
 ANGLE_NAMES = ("rlnTomoXTilt", "rlnTomoYTilt", "rlnTomoZRot")
 NOT_COMPUTED = "not computed"
 
@@ -101,10 +104,8 @@ def _read_metrics(out_dir: Path) -> dict:
         raise InputError(f"{out_dir}: not a folder (expected the --o folder of `polish3d align`)")
     for required in ("metrics.json", "tomograms.star"):
         if not (out_dir / required).is_file():
-            raise InputError(
-                f"{out_dir}: no {required}; expected the output folder of `polish3d align` "
-                "(metrics.json, tomograms.star, tilt_series/, particles.star)"
-            )
+            raise InputError(f"{out_dir}: no {required}; expected the output folder of `polish3d align` "
+                             "(metrics.json, tomograms.star, tilt_series/, particles.star)")
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -128,23 +129,19 @@ def _project_dir(out_dir: Path) -> Path | None:
     return None
 
 
-def _command(out_dir: Path) -> str:
+def _command(out_dir: Path) -> tuple[str, dict[str, str]]:
+    """The command line in ``note.txt`` and its ``--flag value`` pairs."""
     note = out_dir / "note.txt"
-    if not note.is_file():
-        return ""
-    lines = [ln.strip() for ln in note.read_text(errors="replace").splitlines() if ln.strip()]
-    return next((ln for ln in lines if ln.startswith("polish3d")), "")
-
-
-def _flag_values(command: str) -> dict[str, str]:
+    lines = note.read_text(errors="replace").splitlines() if note.is_file() else []
+    command = next((ln.strip() for ln in lines if ln.strip().startswith("polish3d")), "")
     try:
         tokens = shlex.split(command)
     except ValueError:
-        return {}
-    return {t[2:]: v for t, v in zip(tokens, tokens[1:], strict=False) if t.startswith("--")}
+        tokens = []
+    return command, {t[2:]: v for t, v in zip(tokens, tokens[1:], strict=False) if t.startswith("--")}
 
 
-def _input_files(out_dir: Path, metrics: dict, command: str, project: Path | None):
+def _input_files(metrics: dict, flags: dict[str, str], project: Path | None):
     """``(tomograms, particles, trajectories, project_dir, description)`` of the run's input,
     or ``None`` and the reason."""
     from polish3d.io import relion
@@ -154,7 +151,6 @@ def _input_files(out_dir: Path, metrics: dict, command: str, project: Path | Non
         base = Path(rec["project_dir"]) if rec.get("project_dir") else project
         return (Path(rec["tomograms"]), Path(rec["particles"]), rec.get("trajectories"), base,
                 "metrics.json (inputs)")
-    flags = _flag_values(command)
     if not flags:
         return None, "no input recorded (metrics.json has no 'inputs', note.txt no command)"
     for base in dict.fromkeys(b for b in (project, Path.cwd()) if b is not None):
@@ -189,11 +185,11 @@ def gather(out_dir) -> RunData:
     """
     out_dir = Path(out_dir)
     metrics = _read_metrics(out_dir)
-    command = _command(out_dir)
+    command, flags = _command(out_dir)
     project = _project_dir(out_dir)
     out_sets = _read_sets(out_dir / "tomograms.star", out_dir / "particles.star", out_dir / "motion.star",
                           project)
-    found = _input_files(out_dir, metrics, command, project)
+    found = _input_files(metrics, flags, project)
     in_sets, where = None, found[-1]
     if found[0] is not None:
         try:
@@ -275,217 +271,17 @@ def _particle_changes(d: TomoData, ts, parts, ts_in, parts_in) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# figures (matplotlib, Agg): each returns a base64 PNG
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3,
-                         "axes.spines.top": False, "axes.spines.right": False})
-    return plt
-
-
-def _png(fig) -> str:
-    plt = _plt()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _floats(values) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in values], dtype=float)
-
-
-def fig_geometry(d: TomoData) -> str:
-    """Per-tilt change of the shifts (px) and the three angles (°) against the tilt angle."""
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
-    order = np.argsort(d.tilt_deg)
-    t = d.tilt_deg[order]
-    for k, lab in enumerate(("X", "Y")):
-        a1.plot(t, d.d_shift_px[order, k], "o-", ms=3, color=COLOURS[lab.lower()], label=f"{lab} shift")
-    for k, (lab, c) in enumerate(zip(("XTilt", "YTilt", "ZRot"), "xyz", strict=True)):
-        a2.plot(t, d.d_angle_deg[order, k], "o-", ms=3, color=COLOURS[c], label=lab)
-    a1.set(title="Change of the per-tilt shifts (refined − input)", xlabel="tilt angle (°)",
-           ylabel=f"Δ shift (px; 1 px = {d.pixel_size_ang:g} Å)")
-    a2.set(title="Change of the per-tilt angles (refined − input)", xlabel="tilt angle (°)",
-           ylabel="Δ angle (°)")
-    for a in (a1, a2):
-        a.axhline(0, color="k", lw=0.6)
-        a.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def fig_per_tilt(d: TomoData) -> str:
-    """2D displacement RMS and the particles' mean CC per tilt, from metrics.json."""
-    plt = _plt()
-    m = d.metrics
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.4))
-    order = np.argsort(d.tilt_deg)
-    t = d.tilt_deg[order]
-    rms = _floats(m.get("per_tilt_displacement_rms_px") or [np.nan] * len(t))
-    a1.bar(t, rms[order], width=0.8 * np.min(np.diff(t)) if len(t) > 1 else 1.0, color=COLOURS["bar"])
-    a1.set(title="2D displacement of the particles per tilt (RMS)", xlabel="tilt angle (°)",
-           ylabel="RMS displacement (px)")
-    for key, lab, c in (("per_tilt_cc_first", "first pass (input)", "input"),
-                        ("per_tilt_cc_last", "last pass", "refined")):
-        if m.get(key):
-            a2.plot(t, _floats(m[key])[order], "o-", ms=3, color=COLOURS[c], label=lab)
-    a2.set(title="Mean CC of the particles per tilt (fit data)", xlabel="tilt angle (°)",
-           ylabel="mean whitened CC")
-    a2.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def fig_displacements(d: TomoData) -> str:
-    """Histograms of the 3D position change and of the 2D reprojected displacement (px)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    for a, v, what in ((axes[0], d.disp3d_px, "3D position change per particle"),
-                       (axes[1], d.disp2d_px, "2D reprojected displacement per particle and tilt")):
-        v = v[np.isfinite(v)]
-        a.hist(v, bins=min(40, max(5, v.size // 3)), color=COLOURS["bar"], edgecolor="white")
-        rms = float(np.sqrt(np.mean(v**2))) if v.size else 0.0
-        a.axvline(rms, color=COLOURS["rolled back"], lw=1.2, label=f"RMS {rms:.2f} px")
-        a.set(title=f"{what} (n = {v.size})", xlabel="displacement (px)", ylabel="count")
-        a.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def fig_validation(d: TomoData) -> str:
-    """Held-out CC per tilt at the input and the refined geometry, coloured by verdict."""
-    plt = _plt()
-    rows = d.metrics["validation"]["tilts"]
-    fig, ax = plt.subplots(figsize=(11, 3.6))
-    tilt = np.array([d.tilt_deg[int(r["row"])] for r in rows])
-    cc_in, cc_out = _floats([r.get("cc_input") for r in rows]), _floats([r.get("cc_refined") for r in rows])
-    ax.vlines(tilt, cc_in, cc_out, color="#bbbbbb", lw=1)
-    ax.scatter(tilt, cc_in, s=18, color=COLOURS["input"], label="input geometry", zorder=3)
-    for verdict in dict.fromkeys(str(r.get("verdict")) for r in rows):
-        sel = np.array([str(r.get("verdict")) == verdict for r in rows])
-        ax.scatter(tilt[sel], cc_out[sel], s=26, marker="D", zorder=4,
-                   color=COLOURS.get(verdict, "#9467bd"), label=f"refined: {verdict}")
-    ax.set(title="Held-out CC per tilt (particles not used to fit)", xlabel="tilt angle (°)",
-           ylabel="held-out CC")
-    ax.legend(fontsize=8, frameon=False, ncol=4)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def fig_fsc(fsc: dict) -> str:
-    """Half-map FSC before/after with the 0.143 threshold."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    freq = fsc.get("frequency_per_ang")
-    x = _floats(freq if freq else fsc.get("shell") or range(len(fsc["before"])))
-    for key, lab in (("before", "input geometry"), ("after", "refined geometry")):
-        res = fsc.get(f"resolution_{key}_ang")
-        txt = f" ({res:.1f} Å)" if isinstance(res, (int, float)) else ""
-        ax.plot(x, _floats(fsc[key]), "-", lw=1.8, color=COLOURS["input" if key == "before" else "refined"],
-                label=lab + txt)
-    ax.axhline(0.143, color="k", ls="--", lw=0.8, label="0.143")
-    ax.set(title="Half-map FSC", ylabel="FSC", ylim=(-0.1, 1.05),
-           xlabel="spatial frequency (1/Å)" if freq else "Fourier shell (index)")
-    ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _nice(x: float) -> float:
-    """The largest 1-2-5 step ≤ x (at least 1)."""
-    if not np.isfinite(x) or x <= 1:
-        return 1.0
-    e = 10.0 ** np.floor(np.log10(x))
-    return float(max(m * e for m in (1, 2, 5) if m * e <= x))
-
-
-def fig_trajectories(d: TomoData, scale: float | None = None) -> str:
-    """XY tracks (displacements × scale) coloured by dose rank, and the RMS per dose rank.
-
-    The default scale draws the long tracks (90th percentile) as about 12 % of the particles' spread."""
-    plt = _plt()
-    from matplotlib.collections import LineCollection
-
-    traj = d.trajectories_px[:, d.dose_order]  # (N, F, 3) by dose rank
-    if scale is None:
-        spread = float(np.ptp(d.positions_px[:, :2], axis=0).max()) if len(traj) > 1 else 100.0
-        longest = float(np.percentile(np.linalg.norm(traj[..., :2], axis=-1).max(axis=1), 90))
-        scale = _nice(0.12 * spread / longest) if longest > 0 else 1.0
-    pts = d.positions_px[:, None, :2] + scale * traj[..., :2]
-    n, f = pts.shape[:2]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.2, 1]})
-    seg = np.stack([pts[:, :-1], pts[:, 1:]], axis=2).reshape(-1, 2, 2)
-    lc = LineCollection(seg, cmap="viridis", linewidths=1.2)
-    lc.set_array(np.tile(np.arange(f - 1), n))
-    a1.add_collection(lc)
-    a1.plot(pts[:, 0, 0], pts[:, 0, 1], "k.", ms=2)
-    a1.set_aspect("equal", adjustable="datalim")
-    a1.autoscale_view()
-    a1.set(title=f"Particle tracks, XY (displacements ×{scale:g})", xlabel="X (px)", ylabel="Y (px)")
-    fig.colorbar(lc, ax=a1, label="dose rank")
-    rms = np.sqrt(np.mean(np.sum(traj**2, -1), 0))
-    a2.plot(np.arange(f), rms, "o-", ms=3, color=COLOURS["refined"])
-    a2.set(title="Trajectory RMS per tilt (0 at the lowest dose)", xlabel="dose rank",
-           ylabel="3D displacement RMS (px)")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def fig_deformation(d: TomoData, max_panels: int = 8, steps: int = 48) -> str:
-    """Deformation magnitude maps (px) with arrows, one panel per distinct tilt deformation."""
-    plt = _plt()
-    from polish3d.score import evaluate_deformation
-
-    w, h = d.image_size_px
-    coeffs = np.asarray(d.deformation.coefficients)
-    _, first = np.unique(coeffs, axis=0, return_index=True)
-    rows = np.sort(first)
-    rows = rows[np.linspace(0, len(rows) - 1, min(max_panels, len(rows))).astype(int)]
-    gx, gy = np.meshgrid(np.linspace(0, w - 1, steps), np.linspace(0, h - 1, steps))
-    grid = np.stack([gx.ravel(), gy.ravel()], -1)
-    fields = [evaluate_deformation(d.deformation, (w, h), grid, int(j)).reshape(steps, steps, 2)
-              for j in rows]
-    vmax = max(float(np.max(np.linalg.norm(fd, axis=-1))) for fd in fields) or 1.0
-    ncol = min(4, len(rows))
-    nrow = -(-len(rows) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol + 1.2, 3.0 * nrow + 0.6), squeeze=False,
-                             layout="constrained")
-    for ax, j, fd in zip(axes.ravel(), rows, fields, strict=False):
-        im = ax.imshow(np.linalg.norm(fd, axis=-1), extent=(0, w, h, 0), vmin=0, vmax=vmax, cmap="magma")
-        s = slice(2, None, 5)
-        ax.quiver(gx[s, s], gy[s, s], fd[s, s, 0], fd[s, s, 1], color="white", angles="xy", width=0.006)
-        label = f"row {j}, tilt {d.tilt_deg[j]:.0f}°" if len(first) > 1 else "all tilts (one per series)"
-        ax.set(title=label, xlabel="x (px)", ylabel="y (px)")
-        ax.grid(False)
-    for ax in axes.ravel()[len(rows):]:
-        ax.set_visible(False)
-    fig.colorbar(im, ax=axes, label="|deformation| (px)", shrink=0.8)
-    fig.suptitle("2D deformation of the tilt images (arrows: direction; colour: magnitude)")
-    return _png(fig)
-
-
-# ---------------------------------------------------------------------------------------------
 # HTML
 
 CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1180px;
-color:#222;line-height:1.4;padding:0 16px}
-h1{font-size:1.6em;margin-bottom:4px}h2{border-bottom:2px solid #1f77b4;padding-bottom:3px;margin-top:36px}
-h3{font-size:1.05em;margin:18px 0 6px}
-table{border-collapse:collapse;font-size:0.92em}td,th{border:1px solid #ccc;padding:4px 9px;text-align:right}
-th{background:#eef3f8}td:first-child,th:first-child,td.text{text-align:left}
-.meta{color:#555;font-size:0.9em}.na{color:#888;font-style:italic}
-.warn{color:#a35200}.bad{color:#c62828;font-weight:600}.good{color:#2e7d32;font-weight:600}
-img{max-width:100%;display:block;margin:4px 0 10px}code{background:#f4f4f4;padding:1px 4px}
-ul.flags{margin:4px 0 8px;padding-left:20px}
+body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;line-height:1.4}
+body{padding:0 16px}
+h1{font-size:1.6em;margin-bottom:4px} h2{border-bottom:2px solid #1f77b4;margin-top:36px}
+h3{font-size:1.05em;margin:18px 0 6px} table{border-collapse:collapse;font-size:.92em}
+td,th{border:1px solid #ccc;padding:4px 9px;text-align:right} th{background:#eef3f8}
+td.text,th:first-child{text-align:left} .meta{color:#555;font-size:.9em} .na{color:#888;font-style:italic}
+.warn{color:#a35200} .bad{color:#c62828;font-weight:600} .good{color:#2e7d32;font-weight:600}
+code{background:#f4f4f4;padding:1px 4px} img{max-width:100%;display:block;margin:4px 0 10px}
 """
 
 _VERDICT_CLASS = {"kept": "good", "improved": "good", "ok": "good", "rolled back": "bad"}
@@ -568,33 +364,27 @@ def _section(title: str, key: str, draw, reason: str) -> str:
 
 
 def _tomogram_html(d: TomoData, run: RunData) -> str:
-    m, parts = d.metrics, [f'<h2 id="tomo-{_e(d.name)}">{_e(d.name)}</h2>']
-    flags = _flags(d, run.metrics)
-    parts.append('<ul class="flags">' + "".join(f'<li class="warn">{_e(f)}</li>' for f in flags) + "</ul>"
-                 if flags else '<p class="meta">No flags.</p>')
-    no_input = f"the input geometry is not available ({run.inputs})"
-    has_tilts = d.tilt_deg is not None
-    parts.append(_section("Per-tilt geometry changes", "geometry",
-                          (lambda: fig_geometry(d)) if d.d_shift_px is not None else None, no_input))
-    parts.append(_section("Per-tilt displacement and CC", "per_tilt",
-                          (lambda: fig_per_tilt(d)) if has_tilts else None, "no per-tilt data"))
-    has_disp = d.disp3d_px is not None and d.disp2d_px is not None
-    parts.append(_section("Particle displacements", "displacements",
-                          (lambda: fig_displacements(d)) if has_disp else None, no_input))
-    val = m.get("validation") or {}
-    parts.append(_section("Held-out validation", "validation",
-                          (lambda: fig_validation(d)) if val.get("tilts") and has_tilts else None,
-                          "no held-out validation in metrics.json"))
-    if m.get("fsc"):
-        parts.append(_section("FSC of this tomogram's particles", "fsc_tomogram", lambda: fig_fsc(m["fsc"]),
-                              ""))
-    has_traj = d.trajectories_px is not None and d.dose_order is not None and d.trajectories_px.shape[1] > 1
-    parts.append(_section("Trajectories", "trajectories",
-                          (lambda: fig_trajectories(d)) if has_traj else None,
-                          "no trajectories (align without --motion)"))
-    parts.append(_section("Deformation", "deformation",
-                          (lambda: fig_deformation(d)) if d.deformation is not None and has_tilts else None,
-                          "no deformation (align without --deformation)"))
+    m, flags = d.metrics, _flags(d, run.metrics)
+    no_input, tilts = f"the input geometry is not available ({run.inputs})", d.tilt_deg is not None
+    traj = d.trajectories_px is not None and d.dose_order is not None and d.trajectories_px.shape[1] > 1
+    sections = [  # title, key, can draw, figure, why not
+        ("Per-tilt geometry changes", "geometry", d.d_shift_px is not None, fig_geometry, no_input),
+        ("Per-tilt displacement and CC", "per_tilt", tilts, fig_per_tilt, "no per-tilt data"),
+        ("Particle displacements", "displacements", d.disp3d_px is not None and d.disp2d_px is not None,
+         fig_displacements, no_input),
+        ("Held-out validation", "validation", tilts and bool((m.get("validation") or {}).get("tilts")),
+         fig_validation, "no held-out validation in metrics.json"),
+        ("FSC of this tomogram's particles", "fsc_tomogram", bool(m.get("fsc")), lambda _: fig_fsc(m["fsc"]),
+         None),
+        ("Trajectories", "trajectories", traj, fig_trajectories, "no trajectories (align without --motion)"),
+        ("Deformation", "deformation", tilts and d.deformation is not None, fig_deformation,
+         "no deformation (align without --deformation)"),
+    ]
+    parts = [f'<h2 id="tomo-{_e(d.name)}">{_e(d.name)}</h2>',
+             "<ul>" + "".join(f'<li class="warn">{_e(f)}</li>' for f in flags) + "</ul>" if flags
+             else '<p class="meta">No flags.</p>']
+    parts += [_section(title, key, (lambda fn=fn: fn(d)) if ok else None, why)
+              for title, key, ok, fn, why in sections if ok or why is not None]
     return "\n".join(parts)
 
 
