@@ -197,6 +197,7 @@ def fig_trajectories(d: TomoData, scale: float | None = None) -> str:
     a2.plot(np.arange(f), rms, "o-", ms=3, color=COLOURS["refined"])
     a2.set(title="Trajectory RMS per tilt (0 at the lowest dose)", xlabel="dose rank",
            ylabel="3D displacement RMS (px)")
+    a2.xaxis.get_major_locator().set_params(integer=True)
     return _png(fig)
 
 
