@@ -189,13 +189,13 @@ def gather(out_dir) -> RunData:
     project = _project_dir(out_dir)
     out_sets = _read_sets(out_dir / "tomograms.star", out_dir / "particles.star", out_dir / "motion.star",
                           project)
-    found = _input_files(metrics, flags, project)
-    in_sets, where = None, found[-1]
-    if found[0] is not None:
-        try:
-            in_sets = _read_sets(*found[:4])
-        except InputError as exc:
-            in_sets, where = None, f"input geometry not readable: {exc}"
+    in_sets = None
+    try:
+        found = _input_files(metrics, flags, project)
+        where = found[-1]
+        in_sets = _read_sets(*found[:4]) if found[0] is not None else None
+    except InputError as exc:  # a broken input set must not stop the report
+        where = f"input geometry not readable: {exc}"
     if out_sets[1] is None and in_sets is not None:  # --shift_only writes no particles.star
         out_sets = (out_sets[0], in_sets[1], out_sets[2])
     tomos = [_tomo_data(n, m, out_sets, in_sets) for n, m in metrics["tomograms"].items()]

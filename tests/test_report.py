@@ -241,3 +241,14 @@ def test_cli_exit_codes(runs, tmp_path):
     assert res.exit_code == 2 and "'tomograms'" in res.output
     res = CliRunner().invoke(app, ["report", str(tmp_path / "absent")])
     assert res.exit_code == 2 and "not a folder" in res.output
+
+
+def test_unreadable_input_still_renders(runs, tmp_path):
+    import shutil
+
+    project = shutil.copytree(runs["plain"].parent, tmp_path / "project")
+    (project / "truth" / "note.txt").write_text("Command:\n\npolish3d align --i particles.star --o truth/\n")
+    page = _parse(report.write_report(project / "truth"))
+    assert page.missing.count("geometry") == 2 and page.missing.count("displacements") == 2
+    assert [k for k, _ in page.plots].count("per_tilt") == 2
+    assert "input geometry not readable" in (project / "truth" / "report.html").read_text()
