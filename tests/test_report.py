@@ -252,3 +252,32 @@ def test_unreadable_input_still_renders(runs, tmp_path):
     assert page.missing.count("geometry") == 2 and page.missing.count("displacements") == 2
     assert [k for k, _ in page.plots].count("per_tilt") == 2
     assert "input geometry not readable" in (project / "truth" / "report.html").read_text()
+
+
+def test_report_of_a_real_align_run(tmp_path, monkeypatch):
+    """A tiny real ``align`` run, reported from another working folder: the 2D displacements the
+    report computes from the written STAR files equal those the refiner measured internally."""
+    from polish3d.align import AlignInputs, align
+    from polish3d.refine.tomogram import AlignConfig
+
+    project = tmp_path / "project"
+    simulate(SimulationConfig(n_tomograms=1, n_particles=6, n_unlisted=0, tilt_min_deg=-45, tilt_max_deg=45,
+                              tilt_step_deg=15, box_px=32, image_size_px=(96, 96), tomo_thickness_px=32,
+                              pixel_size_ang=PX, seed=5), project)
+    monkeypatch.chdir(project)
+    command = "polish3d align --i optimisation_set.star --b 32 --r 6 --j 1 --o Polish/job001/"
+    align(AlignInputs(i="optimisation_set.star"), "Polish/job001/", AlignConfig(box=32, r=6.0),
+          command_line=command)
+    monkeypatch.chdir(tmp_path)
+    out = project / "Polish" / "job001"
+    res = CliRunner().invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    page = _parse(out / "report.html")
+    assert sorted(k for k, _ in page.plots) == ["displacements", "geometry", "per_tilt"]
+    for _, src in page.plots:
+        assert _png_pixels(src)[..., :3].std() > 0.05
+    m = json.loads((out / "metrics.json").read_text())["tomograms"]["TS_01"]
+    d = report.gather(out).tomograms[0]
+    assert np.sqrt(np.mean(d.disp2d_px**2)) == pytest.approx(m["displacement_rms_px"], rel=1e-5)
+    assert d.disp2d_px.max() == pytest.approx(m["displacement_max_px"], rel=1e-5)
+    assert page.rows[1][:5] == ["TS_01", "6", "7", f"{m['seconds']:.1f}", f"{m['displacement_rms_px']:.2f}"]
