@@ -221,7 +221,8 @@ def main() -> None:
 
 
 def _register_optional_commands() -> None:
-    for module in ("polish3d.simulate", "polish3d.score", "polish3d.fiducials", "polish3d.reconstruct"):
+    for module in ("polish3d.simulate", "polish3d.score", "polish3d.fiducials", "polish3d.reconstruct",
+                   "polish3d.report"):
         try:
             mod = __import__(module, fromlist=["register_cli"])
         except ImportError:
