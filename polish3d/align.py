@@ -632,6 +632,7 @@ def align(
                 "tomograms": {n: r.metrics for n, r in results.items()},
                 "skipped": skipped,
                 "not_refined": not_refined,
+                "inputs": _inputs_record(prepared),
             }
             from polish3d.score import _json_safe
 
@@ -642,6 +643,7 @@ def align(
                 log.warning("%d tomogram(s) could not be refined and keep their input geometry: %s",
                             len(not_refined), ", ".join(not_refined))
             log.info("Finished %d tomograms in %.1f s; wrote %s", len(results), seconds, opt_path)
+            _write_report(out_dir)
             if pipeline_markers:
                 _write_marker(out_dir, True)
             return AlignOutcome(out_dir, opt_path, results, skipped, seconds,
@@ -656,6 +658,32 @@ def align(
         finally:
             log.removeHandler(handler)
             handler.close()
+
+
+def _inputs_record(prepared: dict) -> dict:
+    """Absolute paths of the input geometry, for ``metrics.json`` (the report reads them)."""
+
+    def absolute(path):
+        return os.fspath(Path(path).resolve()) if path else None
+
+    return {
+        "tomograms": absolute(prepared["input_files"]["tomogram set"]),
+        "particles": absolute(prepared["particles_file"]),
+        "trajectories": absolute(prepared["motion_file"]),
+        "project_dir": os.fspath(Path.cwd().resolve()),
+    }
+
+
+def _write_report(out_dir: Path) -> None:
+    """Write ``report.html``; the refined files are already out, so a failure here is a warning."""
+    from polish3d.report import write_report
+
+    try:
+        path = write_report(out_dir)
+    except Exception as exc:  # noqa: BLE001 - the run's results stand without the report
+        log.warning("could not write the report (%s); run `polish3d report %s` to retry", exc, out_dir)
+        return
+    log.info("Report: %s", path)
 
 
 def _read_inputs(inputs: AlignInputs, config, motion, deformation) -> dict:
