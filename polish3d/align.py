@@ -17,6 +17,7 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -486,6 +487,7 @@ def align(
     use_snr_weight: bool = False,
     write_note: bool = True,
     pipeline_markers: bool = False,
+    cluster=None,
 ) -> AlignOutcome:
     """Refine every tomogram of an optimisation set and write RELION 5 outputs to ``out_dir``.
 
@@ -506,6 +508,8 @@ def align(
         freq_cutoff_ang, fsc_thresh_width, use_snr_weight: reference envelope options.
         write_note: write ``note.txt`` (RELION skips it under pipeline control).
         pipeline_markers: write ``RELION_JOB_EXIT_SUCCESS``/``RELION_JOB_EXIT_FAILURE``.
+        cluster: :class:`polish3d.scale.ClusterOptions` to refine the tomograms as Dask tasks;
+            ``None`` (or no workers and no scheduler): one after another in this process.
 
     Returns:
         an :class:`AlignOutcome`.
@@ -574,7 +578,7 @@ def align(
             results: dict[str, TomogramResult] = {}
             skipped: list[str] = []
             not_refined: dict[str, str] = {}
-            envelopes: dict[float, np.ndarray] = {}
+            pending = []
             for k, name in enumerate(names):
                 ts, parts, why = plans[name]
                 if why:
@@ -599,25 +603,13 @@ def align(
                         continue
                     if reason:
                         log.warning("Tomogram %d / %d: %s: %s; recomputing", k + 1, len(names), name, reason)
-                log.info(
-                    "Tomogram %d / %d: %s (%d particles, %d tilts, %d×%d px)",
-                    k + 1, len(names), name, parts.n_particles, ts.n_tilts, *ts.image_size_px,
-                )
-                res = _refine_one(ts, parts, refs_ft, idx, fsc, envelopes, config, motion, deformation,
-                                  freq_cutoff_ang, fsc_thresh_width, use_snr_weight)
-                if res is None:
-                    not_refined[name] = f"{name}: every tilt image is entirely non-finite"
-                    continue
-                arrays = (res.projections, res.positions_px, res.trajectories_px)
-                if any(a is not None and not np.all(np.isfinite(a)) for a in arrays):
-                    why = f"{name}: the refinement produced non-finite geometry; input geometry kept"
-                    log.warning("  %s", why)
-                    not_refined[name] = why
-                    continue
-                from polish3d.io.resume import save_result
-
-                save_result(out_dir, res, record)
-                results[name] = res
+                pending.append(_TomogramJob(
+                    ts, parts, record, np.asarray(refs_ft), idx, fsc, config, motion, deformation,
+                    (freq_cutoff_ang, fsc_thresh_width, use_snr_weight), out_dir, k + 1, len(names),
+                ))
+            refined, failed = _run_jobs(pending, cluster)
+            results.update(refined)
+            not_refined.update(failed)
 
             if not results:
                 raise InputError("nothing was refined: " + "; ".join(not_refined.values()))
@@ -757,6 +749,98 @@ def _read_inputs(inputs: AlignInputs, config, motion, deformation) -> dict:
         "motion_file": motion_file, "particles_file": particles_file,
         "input_files": input_files, "tilt_outputs": tilt_outputs,
     }
+
+
+@dataclasses.dataclass
+class _TomogramJob:
+    """Everything one tomogram's refinement needs (picklable: it may run on a Dask worker)."""
+
+    ts: Any
+    parts: Any
+    record: dict
+    refs_ft: Any
+    fsc_idx: Any
+    fsc: Any
+    config: Any
+    motion: Any
+    deformation: Any
+    envelope_options: tuple  # (freq_cutoff_ang, fsc_thresh_width, use_snr_weight)
+    out_dir: Path
+    number: int
+    total: int
+
+    @property
+    def name(self) -> str:
+        return self.ts.name
+
+
+def _run_job(job: _TomogramJob, envelopes: dict | None = None) -> str:
+    """Refine one tomogram and store the result in the resume store of ``job.out_dir``.
+
+    Returns ``""`` when stored, else why the tomogram keeps its input geometry. Runs in the
+    driver (serial) or on a Dask worker; the driver reads the result back from the store.
+    """
+    from polish3d.io.resume import save_result
+
+    log.info("Tomogram %d / %d: %s (%d particles, %d tilts, %d×%d px)", job.number, job.total, job.name,
+             job.parts.n_particles, job.ts.n_tilts, *job.ts.image_size_px)
+    res = _refine_one(job.ts, job.parts, job.refs_ft, job.fsc_idx, job.fsc,
+                      {} if envelopes is None else envelopes, job.config, job.motion, job.deformation,
+                      *job.envelope_options)
+    if res is None:
+        return f"{job.name}: every tilt image is entirely non-finite"
+    arrays = (res.projections, res.positions_px, res.trajectories_px)
+    if any(a is not None and not np.all(np.isfinite(a)) for a in arrays):
+        why = f"{job.name}: the refinement produced non-finite geometry; input geometry kept"
+        log.warning("  %s", why)
+        return why
+    save_result(job.out_dir, res, job.record)
+    return ""
+
+
+def _run_jobs(jobs: list[_TomogramJob], cluster) -> tuple[dict[str, TomogramResult], dict[str, str]]:
+    """Run the jobs, one after another here or as Dask tasks; results come from the resume store."""
+    from polish3d.io.resume import load_result
+
+    why: dict[str, str] = {}
+    if cluster is None or not cluster.distributed or not jobs:
+        envelopes: dict = {}
+        for job in jobs:
+            why[job.name] = _run_job(job, envelopes)
+    else:
+        why = _run_jobs_on_dask(jobs, cluster)
+    results, failed = {}, {}
+    for job in jobs:
+        if why[job.name]:
+            failed[job.name] = why[job.name]
+            continue
+        res, reason = load_result(job.out_dir, job.name, job.record)
+        if res is None:  # pragma: no cover - the store was just written
+            raise RuntimeError(f"{job.name}: the stored result could not be read back ({reason})")
+        results[job.name] = res
+    return results, failed
+
+
+def _run_jobs_on_dask(jobs: list[_TomogramJob], cluster) -> dict[str, str]:
+    """Tomograms as Dask tasks; a data error fails the run after the other tomograms finished."""
+    from polish3d.scale import run_tasks
+
+    where = cluster.scheduler or f"{cluster.workers} local worker(s)"
+    log.info("Refining %d tomogram(s) as Dask tasks on %s", len(jobs), where)
+    t0 = time.perf_counter()
+
+    def done(outcome, n_done, n_total):
+        state = "done" if outcome.ok else f"FAILED: {error_summary(outcome.error)}"
+        log.info("  tomogram %s %s (%d / %d finished, %.1f s)", outcome.key, state, n_done, n_total,
+                 time.perf_counter() - t0)
+
+    outcomes = run_tasks(_run_job, {job.name: (job,) for job in jobs}, cluster, on_done=done)
+    errors = {k: o.error for k, o in outcomes.items() if not o.ok}
+    if errors:
+        first = next(iter(errors.values()))
+        log.error("%d tomogram(s) failed: %s", len(errors), ", ".join(errors))
+        raise first
+    return {k: o.value for k, o in outcomes.items()}
 
 
 def _refine_one(ts, parts, refs_ft, idx, fsc, envelopes, config, motion, deformation, freq_cutoff_ang,
@@ -1154,6 +1238,12 @@ def _run_validated(o: dict, argv: list[str], pipeline: bool) -> AlignOutcome:
     if o.get("device"):
         select_device(o["device"])
     threads = int(o.get("j") or 1)
+    _require(int(o.get("workers") or 0) >= 0, "--workers", o.get("workers"), "a number of workers >= 0")
+    if o.get("workers") and o.get("scheduler"):
+        raise InputError("--workers and --scheduler: give one (a local cluster, or an existing one)")
+    from polish3d.scale import ClusterOptions
+
+    cluster = ClusterOptions(int(o.get("workers") or 0), str(o.get("scheduler") or ""), threads)
     cmd = " ".join(shlex.quote(a) for a in (["polish3d"] + list(argv[1:])))
     return align(
         inputs, o["o"], config, motion=motion, deformation=deformation,
@@ -1161,7 +1251,7 @@ def _run_validated(o: dict, argv: list[str], pipeline: bool) -> AlignOutcome:
         freq_cutoff_ang=float(o.get("freq_cutoff", -1.0)),
         fsc_thresh_width=float(o.get("fsc_thresh_width", 5.0)),
         use_snr_weight=bool(o.get("use_snr_weight")), write_note=not o.get("pipeline_control"),
-        pipeline_markers=pipeline,
+        pipeline_markers=pipeline, cluster=cluster,
     )
 
 

@@ -64,6 +64,24 @@ PathLike = str | os.PathLike
 # device
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk so later runs skip most of the JIT compilation.
+
+    ``POLISH3D_JAX_CACHE`` names the folder (default ``~/.cache/polish3d/jax``); ``off`` disables.
+    """
+    where = os.environ.get("POLISH3D_JAX_CACHE", str(Path.home() / ".cache" / "polish3d" / "jax"))
+    if not where or where.lower() == "off":
+        return
+    try:
+        import jax
+
+        Path(where).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    except Exception:  # pragma: no cover - a cache is an optimisation, never a failure
+        log.debug("no JAX compilation cache at %s", where)
+
+
 def set_device(platform: Literal["cpu", "gpu", "tpu"]) -> str:
     """Select the JAX platform polish3d computes on.
 

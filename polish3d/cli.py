@@ -48,28 +48,9 @@ def _root(
     )
     # JAX looks for a TPU and says so at WARNING level on every CPU/GPU machine
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
-    _enable_compilation_cache()
+    from polish3d.api import enable_compilation_cache
 
-
-def _enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk so later runs skip most of the JIT compilation.
-
-    ``POLISH3D_JAX_CACHE`` names the folder (default ``~/.cache/polish3d/jax``); ``off`` disables.
-    """
-    import os
-    from pathlib import Path
-
-    where = os.environ.get("POLISH3D_JAX_CACHE", str(Path.home() / ".cache" / "polish3d" / "jax"))
-    if not where or where.lower() == "off":
-        return
-    try:
-        import jax
-
-        Path(where).mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", where)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    except Exception:  # pragma: no cover - a cache is an optimisation, never a failure
-        logging.getLogger("polish3d").debug("no JAX compilation cache at %s", where)
+    enable_compilation_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +147,16 @@ def align_cmd(
         Opt("--outer", help="polish3d: max. CC-map passes (2nd+ at the refined geometry; 1: RELION-like)."),
     ] = 3,
     device: Annotated[str, Opt("--device", help="polish3d: JAX platform: cpu, gpu or tpu.")] = "",
+    workers: Annotated[
+        int,
+        Opt("--workers", help="polish3d: refine tomograms as tasks on a local Dask cluster of this many "
+            "worker processes, each with --j threads (0: in this process)."),
+    ] = 0,
+    scheduler: Annotated[
+        str,
+        Opt("--scheduler", help="polish3d: address of a running Dask scheduler (tcp://host:8786) whose "
+            "workers refine the tomograms."),
+    ] = "",
     pipeline_control: Annotated[
         str, Opt("--pipeline_control", help="RELION pipeline control directory.")
     ] = "",

@@ -85,10 +85,15 @@ def _pin_threads_plugin(threads: int, available: list[int]):
         def setup(self, worker) -> None:
             try:
                 index = int(worker.name)
-            except (TypeError, ValueError):  # a worker of an external cluster: BLAS limit only
+            except (TypeError, ValueError):
+                index = None
+            if index is None or not available:  # a worker of an external cluster: BLAS limit only
                 limit_threads(threads)
-                return
-            limit_threads(threads, worker_cores(index, threads, available) if available else None)
+            else:
+                limit_threads(threads, worker_cores(index, threads, available))
+            from polish3d.api import enable_compilation_cache
+
+            enable_compilation_cache()  # the driver's compiled programs serve the workers too
 
     return PinThreads()
 
@@ -111,15 +116,18 @@ def _client(options: ClusterOptions):
         from distributed import Client, LocalCluster
     except ImportError as exc:  # pragma: no cover - distributed is a dependency
         raise RuntimeError("--workers/--scheduler need the 'distributed' package") from exc
+    for name in ("distributed", "tornado", "bokeh"):  # their INFO lines are not the user's business
+        logging.getLogger(name).setLevel(logging.WARNING)
     if options.scheduler:
-        client = Client(options.scheduler, timeout="30s")
-        return client, None
-    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    cluster = LocalCluster(
-        n_workers=options.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.ERROR,
-    )
-    client = Client(cluster)
+        cluster, client = None, Client(options.scheduler, timeout="30s")
+        available = []  # the cores of other machines are not ours to pin
+    else:
+        available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cluster = LocalCluster(
+            n_workers=options.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
     plugin = _pin_threads_plugin(options.threads_per_worker, available)
     client.register_plugin(plugin, name="polish3d-threads")
     return client, cluster

@@ -60,3 +60,65 @@ def test_killed_worker_is_rerun_and_data_error_reported(tmp_path):
         _, blas_threads, cores = out[key].value
         assert blas_threads == "1"
         assert len(cores) == 1  # each worker pinned to one core of its own
+
+
+# ------------------------------------------------------------------------------------------------
+# polish3d align --workers: the same files as the serial run, also when a worker is killed
+# ------------------------------------------------------------------------------------------------
+
+_MAIN = "import sys; from polish3d.cli import main; sys.argv[0] = 'polish3d'; main()"
+
+
+@pytest.fixture(scope="module")
+def two_tomograms(tmp_path_factory):
+    from polish3d.simulate import SimulationConfig, simulate
+
+    root = tmp_path_factory.mktemp("scale") / "sim"
+    simulate(SimulationConfig(
+        n_tomograms=2, n_particles=12, n_unlisted=0, image_size_px=(160, 160), tilt_min_deg=-30,
+        tilt_max_deg=30, tilt_step_deg=10, tomo_thickness_px=48, pixel_size_ang=16.0, box_px=32,
+        shift_err_px=2.0, position_err_px=1.5, seed=5,
+    ), root)
+    return root
+
+
+def _align_cli(project, out, *extra):
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-c", _MAIN, "align", "--i", "optimisation_set.star", "--b", "32", "--r", "8",
+         "--o", out, *extra], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _star_files(folder):
+    """The STAR files of an output folder, with the folder's own name taken out of the paths."""
+    return {p.relative_to(folder).as_posix(): p.read_text().replace(f"{folder.name}/", "OUT/")
+            for p in sorted(folder.rglob("*.star")) if p.name != "RELION_OUTPUT_NODES.star"}
+
+
+def test_align_workers_same_as_serial_after_a_worker_is_killed(two_tomograms):
+    import time
+
+    import psutil
+
+    serial = _align_cli(two_tomograms, "Serial/", "--j", "2")
+    out_serial = serial.communicate(timeout=600)[0]
+    assert serial.returncode == 0, out_serial[-3000:]
+
+    run = _align_cli(two_tomograms, "Dask/", "--j", "1", "--workers", "2")
+    driver = psutil.Process(run.pid)
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and run.poll() is None and time.monotonic() < deadline:
+        workers = [p for p in driver.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+        busy = [p for p in workers if p.cpu_times().user > 4.0]  # past start-up: refining
+        stored = list((two_tomograms / "Dask" / "temp").glob("*.npz"))
+        if busy and not stored:
+            busy[0].kill()
+            killed = busy[0].pid
+        time.sleep(0.2)
+    out = run.communicate(timeout=600)[0]
+    assert killed is not None, "no worker was refining when the test looked:\n" + out[-3000:]
+    assert run.returncode == 0, out[-3000:]
+    assert "2 / 2 finished" in out
+    assert _star_files(two_tomograms / "Dask") == _star_files(two_tomograms / "Serial")
