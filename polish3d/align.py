@@ -605,7 +605,7 @@ def align(
                         log.warning("Tomogram %d / %d: %s: %s; recomputing", k + 1, len(names), name, reason)
                 pending.append(_TomogramJob(
                     ts, parts, record, np.asarray(refs_ft), idx, fsc, config, motion, deformation,
-                    (freq_cutoff_ang, fsc_thresh_width, use_snr_weight), out_dir, k + 1, len(names),
+                    (freq_cutoff_ang, fsc_thresh_width, use_snr_weight), out_dir.resolve(), k + 1, len(names),
                 ))
             refined, failed = _run_jobs(pending, cluster)
             results.update(refined)
