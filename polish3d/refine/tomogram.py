@@ -110,7 +110,7 @@ class AlignConfig:
     tol_rms_px: float = 0.05
     tol_max_px: float = 1.0
     exact_passes: int = 2
-    exact_ftol: float = 1e-12
+    exact_ftol: float = 1e-10
     exact_radius_px: float = 0.5
     exact_tol_max_px: float = 0.1
 
