@@ -66,8 +66,10 @@ def test_exact_peak_recovers_a_subpixel_shift_where_bicubic_does_not(shift):
     k = BOX // 2 - 1
     spec = likelihood._crop(jnp.asarray(g, jnp.complex64), BOX, k)
 
+    exact_jit = jax.jit(lambda d: likelihood.exact_values(spec, d[None], 2 * np.pi / BOX)[0])
+
     def exact(d):
-        return float(likelihood.exact_values(spec, jnp.asarray(d, jnp.float32)[None], 2 * np.pi / BOX)[0])
+        return float(exact_jit(jnp.asarray(d, jnp.float32)))
 
     found = _argmax(exact, (0.0, 0.0))
     np.testing.assert_allclose(found, shift, atol=2e-3)
@@ -77,8 +79,10 @@ def test_exact_peak_recovers_a_subpixel_shift_where_bicubic_does_not(shift):
     idx = np.mod(np.arange(-hw, hw + 1), BOX)
     win = jnp.asarray(cc[0][idx[:, None], idx[None, :]], jnp.float32)
 
+    bicubic_jit = jax.jit(lambda d: objective.catmull_rom_2d(win, hw + d[0], hw + d[1]))
+
     def bicubic(d):
-        return float(objective.catmull_rom_2d(win, hw + d[0], hw + d[1]))
+        return float(bicubic_jit(jnp.asarray(d, jnp.float32)))
 
     biased = _argmax(bicubic, (0.0, 0.0))
     assert np.abs(biased - np.asarray(shift)).max() > 0.01
@@ -91,8 +95,10 @@ def test_taylor_model_peaks_at_a_small_known_shift(shift):
     g = _blob_spectra([shift])
     tay = likelihood._taylor_from_spectra(jnp.asarray(g, jnp.complex64), BOX, 4)
 
+    model_jit = jax.jit(lambda d: likelihood.taylor_values(tay, d[None], 0.5)[0])
+
     def model(d):
-        return float(likelihood.taylor_values(tay, jnp.asarray(d, jnp.float32)[None], 0.5)[0])
+        return float(model_jit(jnp.asarray(d, jnp.float32)))
 
     np.testing.assert_allclose(_argmax(model, (0.0, 0.0)), shift, atol=1e-3)
 
@@ -119,6 +125,7 @@ def test_taylor_gradient_matches_finite_differences_float64():
         coeffs = jnp.asarray(rng.normal(size=(4, 15)))
         d = jnp.asarray(rng.uniform(-0.6, 0.6, (4, 2)))  # inside and beyond the 0.5 px radius
 
+        @jax.jit
         def f(x):
             return jnp.sum(likelihood.taylor_values(coeffs, x, 0.5))
 
@@ -139,6 +146,7 @@ def test_exact_values_gradient_matches_finite_differences_float64():
         spec = likelihood._crop(jnp.asarray(g, jnp.complex128), BOX, BOX // 2 - 1)
         d = jnp.asarray([[0.1, 0.25]])
 
+        @jax.jit
         def f(x):
             return jnp.sum(likelihood.exact_values(spec, x, 2 * np.pi / BOX))
 
