@@ -131,9 +131,10 @@ def taylor_exponents(order: int = TAYLOR_ORDER) -> tuple[tuple[int, int], ...]:
     return tuple((a, t - a) for t in range(order + 1) for a in range(t, -1, -1))
 
 
-def _taylor_from_spectra(g, box: int, order: int):
+def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None):
     """Taylor coefficients ``(P, M)`` of ``C(Δ)`` at ``Δ = 0`` from half spectra ``(P, s, sh)``:
-    ``m_ab = Re Σ_k c_k g(k) (iθx)^a (iθy)^b / (a! b! s²)``, ``θ = 2πk/s`` (Nyquist excluded)."""
+    ``m_ab = Re Σ_k c_k g(k) (iθx)^a (iθy)^b / (a! b! s²)``, ``θ = 2πk/s`` (Nyquist excluded;
+    with ``k_max`` only ``|kx|, |ky| ≤ k_max``, where the weights are non-zero)."""
     import math
 
     kx = np.arange(box // 2 + 1, dtype=np.float64)
@@ -148,18 +149,23 @@ def _taylor_from_spectra(g, box: int, order: int):
     for a, b in taylor_exponents(order):
         f = (1j * tx[None, :]) ** a * (1j * ty[:, None]) ** b * c[None, :] * keep_y[:, None]
         basis.append(f / (math.factorial(a) * math.factorial(b)))
-    basis = np.stack(basis)  # (M, s, sh) complex: Re(g · basis) summed over k
-    br = jnp.asarray(basis.real, jnp.float32)
-    bi = jnp.asarray(basis.imag, jnp.float32)
-    return jnp.einsum("pyx,myx->pm", g.real, br) - jnp.einsum("pyx,myx->pm", g.imag, bi)
+    basis = np.stack(basis).reshape(len(basis), -1)  # (M, s·sh): Re(g · basis) summed over k
+    used = np.flatnonzero(np.any(basis != 0, axis=0))
+    if k_max is not None:  # only the frequencies that carry weight
+        kk = np.maximum(np.abs(ky)[:, None], kx[None, :]).ravel()
+        used = used[kk[used] <= k_max]
+    # one real matrix product (P, 2·K') @ (2·K', M): [Re g, Im g] · [Re b; −Im b]
+    b = np.concatenate([basis.real[:, used], -basis.imag[:, used]], axis=1).T.astype(np.float32)
+    flat = g.reshape(g.shape[0], -1)[:, used]
+    return jnp.concatenate([flat.real, flat.imag], axis=1) @ jnp.asarray(b)
 
 
-@functools.partial(jax.jit, static_argnames=("order",))
-def _taylor_pairs(windows, frac, cam_rot, depth, tilt, half, valid, const, order):
+@functools.partial(jax.jit, static_argnames=("order", "k_max"))
+def _taylor_pairs(windows, frac, cam_rot, depth, tilt, half, valid, const, order, k_max):
     box = windows.shape[-1]
     ones = jnp.ones((box, box // 2 + 1), jnp.float32)
     g = ccmaps.cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, ones, const)
-    return _taylor_from_spectra(g, box, order)
+    return _taylor_from_spectra(g, box, order, k_max)
 
 
 def compute_taylor(
@@ -190,12 +196,14 @@ def compute_taylor(
     n, f = u0.shape[:2]
     n_pad = n if n_pad is None else max(n, n_pad)
     m = len(taylor_exponents(order))
+    # frequencies without weight contribute nothing: skip them (exact)
+    k_max = spectrum_support(np.asarray(const["weights"]) * np.asarray(const["dose"]), box)
     out = np.zeros((n_pad, f, m), np.float32)
     todo = np.asarray(visible, bool)
     for p_b, t_b, k, args in ccmaps.pair_batches(
         stack, u0, cam_rot, depth, centre_depth, half_set, todo, box=box, chunk=chunk
     ):
-        out[p_b, t_b] = np.asarray(_taylor_pairs(*args, const, order))[:k]
+        out[p_b, t_b] = np.asarray(_taylor_pairs(*args, const, order, k_max))[:k]
     return out
 
 
