@@ -9,12 +9,12 @@ prediction: for a fixed prediction this is, up to a constant, the whitened Gauss
 log-likelihood of the observed box (the ``|S|²`` and ``|Y|²`` terms do not depend on the shift),
 so no sampling grid and no interpolation kernel pull the optimum anywhere.
 
-Storage: the spectrum of each particle–tilt pair is cropped to the frequencies that carry weight
-(``|kx|, |ky| ≤ K``, Nyquist excluded) and scaled by ``c_k / s²``: ``(N, F, 2K+1, K+1)``
-complex64, rows ``ky = −K..K``, columns ``kx = 0..K``. One evaluation of a pair is two complex
-phase vectors (``2K+1`` and ``K+1`` entries) and one small matrix–vector product: the memory of an
-evaluation is ``O(N·F·K)`` besides the stored spectra, and a full objective costs about as much as
-the bicubic one.
+The final stage uses the polynomial's exact Taylor coefficients to 4th order about each pair's
+current prediction (:func:`compute_taylor`, 15 numbers per pair, computed like the CC windows
+but without the inverse FFT; no spectra are stored) and re-expands if a prediction moved more
+than a tenth of a pixel. :func:`exact_values` evaluates the full polynomial from cropped spectra
+(rows ``ky = −K..K``, columns ``kx = 0..K``, scaled by ``c_k/s²``): the reference the expansion
+is tested against.
 """
 
 from __future__ import annotations
@@ -29,17 +29,15 @@ from polish3d.refine import ccmaps
 
 __all__ = [
     "TAYLOR_ORDER",
-    "compute_spectra",
     "compute_taylor",
     "exact_values",
-    "spectra_bytes",
     "spectrum_support",
     "taylor_exponents",
     "taylor_values",
 ]
 
-#: order of the local expansion of the final stage (its remainder is below 1e-6 of the peak's
-#: curvature term for moves ≤ 0.1 px at box 64, see :func:`compute_taylor`)
+#: order of the local expansion of the final stage (remainder ~5e-7 of the CC for moves ≤ 0.1 px
+#: at box 64, see :func:`compute_taylor`)
 TAYLOR_ORDER = 4
 
 
@@ -55,11 +53,6 @@ def spectrum_support(weights, box: int) -> int:
     return max(1, min(k_used, box // 2 - 1))
 
 
-def spectra_bytes(n_pairs: int, k_max: int) -> int:
-    """Memory of the stored spectra of ``n_pairs`` pairs at support ``k_max`` (bytes)."""
-    return int(n_pairs) * (2 * k_max + 1) * (k_max + 1) * 8
-
-
 def _crop(g, box: int, k_max: int):
     """``(P, s, s//2+1)`` half spectra → ``(P, 2K+1, K+1)``: rows ``ky = −K..K``, columns
     ``kx = 0..K``, scaled by ``c_kx / s²`` (so :func:`exact_values` needs no further factor)."""
@@ -69,48 +62,10 @@ def _crop(g, box: int, k_max: int):
     return g[:, rows, : k_max + 1] * c[None, None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("k_max",))
-def _spec_pairs(windows, frac, cam_rot, depth, tilt, half, valid, const, k_max):
-    box = windows.shape[-1]
-    ones = jnp.ones((box, box // 2 + 1), jnp.float32)
-    g = ccmaps.cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, ones, const)
-    return _crop(g, box, k_max).astype(jnp.complex64)
-
-
-def compute_spectra(
-    stack,
-    u0: np.ndarray,
-    cam_rot: np.ndarray,
-    depth: np.ndarray,
-    centre_depth: np.ndarray,
-    half_set: np.ndarray,
-    visible: np.ndarray,
-    const: dict,
-    *,
-    box: int,
-    k_max: int,
-    chunk: int = 8,
-    n_pad: int | None = None,
-) -> np.ndarray:
-    """Cropped CC spectra ``(n_pad, F, 2K+1, K+1)`` complex64 of the visible pairs (others 0).
-
-    Arguments as :func:`ccmaps.compute_cc_windows` (``u0 (N, F, 2)`` the phase origins, pixels);
-    batches of ``chunk × F`` pairs of one half set, one compilation per box and ``K``.
-    """
-    n, f = u0.shape[:2]
-    n_pad = n if n_pad is None else max(n, n_pad)
-    out = np.zeros((n_pad, f, 2 * k_max + 1, k_max + 1), np.complex64)
-    todo = np.asarray(visible, bool)
-    for p_b, t_b, m, args in ccmaps.pair_batches(
-        stack, u0, cam_rot, depth, centre_depth, half_set, todo, box=box, chunk=chunk
-    ):
-        out[p_b, t_b] = np.asarray(_spec_pairs(*args, const, k_max))[:m]
-    return out
-
-
 def exact_values(spec: jax.Array, delta_px: jax.Array, two_pi_over_box) -> jax.Array:
     """``C(Δ)`` of every pair at real displacements ``delta_px (..., 2)`` (``x, y``, pixels) from
-    the phase origin, for cropped spectra ``spec (..., 2K+1, K+1)`` (:func:`compute_spectra`).
+    the phase origin, for cropped spectra ``spec (..., 2K+1, K+1)`` (``_crop`` of the spectra of
+    :func:`polish3d.refine.ccmaps.cc_spectra`).
 
     ``two_pi_over_box`` is ``2π/s`` (radians per pixel per Fourier pixel). Exact (no
     interpolation); periodic in ``Δ`` with period ``s``. Differentiable in ``delta_px``.
