@@ -32,10 +32,12 @@ from polish3d.imaging.fourier import radius_2d, rfft2c, shift_phase
 __all__ = [
     "CCInputs",
     "blur_windows",
+    "cc_spectra",
     "compute_cc_windows",
     "frequency_weights",
     "gather_pairs",
     "observe_windows",
+    "pair_batches",
 ]
 
 
@@ -160,13 +162,15 @@ def _window_indices(box: int, half_width: int) -> np.ndarray:
     return np.mod(np.arange(-half_width, half_width + 1), box)
 
 
-@functools.partial(jax.jit, static_argnames=("half_width", "want_sum"))
-def _cc_pairs(windows, frac, cam_rot, depth, tilt, half, valid, blur, const, half_width, want_sum):
-    """CC windows of a batch of particle–tilt pairs of one half set ``half`` (1 or 2).
+def cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, blur, const):
+    """CC spectra ``g (P, s, s//2+1)`` of a batch of particle–tilt pairs of one half set.
 
-    ``windows (P, s, s)``, ``frac (P, 2)``, ``cam_rot (P, 3, 3)``, ``depth (P,)`` (depth minus
-    the tomogram centre's depth, pixels), ``tilt (P,)`` file index, ``valid (P,)`` 0 for
-    padding → ``(P, D, D)`` and, if ``want_sum``, the per-tilt sum of the full maps ``(F, s, s)``.
+    ``C(d) = irfft2(g)[d]`` is the CC at the integer displacement ``d`` (pixels); the same
+    ``g`` evaluated as a trigonometric polynomial gives it at any real ``d``
+    (:mod:`polish3d.refine.likelihood`). ``windows (P, s, s)``, ``frac (P, 2)``,
+    ``cam_rot (P, 3, 3)``, ``depth (P,)`` (depth minus the tomogram centre's depth, pixels),
+    ``tilt (P,)`` file index, ``half`` 1 or 2, ``valid (P,)`` 0 for padding (traceable; not
+    jitted here).
     """
     box = windows.shape[-1]
     y = observe_windows(windows, frac)  # (P, s, sh)
@@ -186,13 +190,59 @@ def _cc_pairs(windows, frac, cam_rot, depth, tilt, half, valid, blur, const, hal
 
     s = jax.vmap(one)(cam_rot, tilt, dz)
     w = const["weights"][tilt] * const["dose"][tilt] * blur[None]
-    g = (-float(box * box) / np.sqrt(box)) * (valid[:, None, None] * w) * y * jnp.conj(s)
+    return (-float(box * box) / np.sqrt(box)) * (valid[:, None, None] * w) * y * jnp.conj(s)
+
+
+@functools.partial(jax.jit, static_argnames=("half_width", "want_sum"))
+def _cc_pairs(windows, frac, cam_rot, depth, tilt, half, valid, blur, const, half_width, want_sum):
+    """CC windows ``(P, D, D)`` of a batch of pairs (arguments as :func:`cc_spectra`) and, if
+    ``want_sum``, the per-tilt sum of the full maps ``(F, s, s)``."""
+    box = windows.shape[-1]
+    g = cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, blur, const)
     cc = jnp.fft.irfft2(g, s=(box, box))
     idx = _window_indices(box, half_width)
     win = cc[..., idx[:, None], idx[None, :]]
     if not want_sum:  # the per-tilt sum doubles the cost of the inverse-FFT stage
         return win, None
     return win, jax.ops.segment_sum(cc, tilt, num_segments=const["weights"].shape[0])
+
+
+def pair_batches(stack, u0, cam_rot, depth, centre_depth, half_set, todo, *, box: int, chunk: int):
+    """Host side of the CC stage: fixed-size batches of the pairs ``todo (N, F)``.
+
+    Pairs are grouped by half set, ``chunk × F`` per batch (the last one padded by repeating its
+    first pair, flagged invalid), boxes gathered from the stack. Yields ``(p_idx, t_idx, m,
+    args)`` with ``m`` the number of real pairs and ``args`` the JAX arguments
+    ``(windows, frac, cam_rot, depth, tilt, half, valid)`` of :func:`cc_spectra`.
+    """
+    f = u0.shape[1]
+    half_set = np.asarray(half_set)
+    batch = max(1, chunk) * f
+    rel_depth = depth - centre_depth[None, :]
+    for h in (1, 2):
+        in_half = (half_set == 2) if h == 2 else (half_set != 2)
+        pi, ti = np.nonzero(todo & in_half[:, None])
+        for start in range(0, len(pi), batch):
+            p_b, t_b = pi[start : start + batch], ti[start : start + batch]
+            m = len(p_b)
+            pad = batch - m
+            uu = u0[p_b, t_b]
+            win = gather_pairs(stack, uu, t_b, box)
+            frac = uu - np.floor(uu + 0.5)
+
+            def padded(a, pad=pad):
+                a = np.asarray(a)
+                return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
+
+            valid = np.zeros(batch, np.float32)
+            valid[:m] = 1.0
+            args = (
+                jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
+                jnp.asarray(padded(cam_rot[p_b, t_b]), jnp.float32),
+                jnp.asarray(padded(rel_depth[p_b, t_b]), jnp.float32),
+                jnp.asarray(padded(t_b), jnp.int32), jnp.int32(h), jnp.asarray(valid),
+            )
+            yield p_b, t_b, m, args
 
 
 def compute_cc_windows(
@@ -251,34 +301,11 @@ def compute_cc_windows(
     todo = np.asarray(visible, bool) if pairs is None else (np.asarray(visible, bool) & pairs)
     if pairs is not None:
         out[:n][np.asarray(pairs, bool) & ~np.asarray(visible, bool)] = 0.0
-    half_set = np.asarray(half_set)
-    batch = max(1, chunk) * f
-    rel_depth = depth - centre_depth[None, :]
-    for h in (1, 2):
-        in_half = (half_set == 2) if h == 2 else (half_set != 2)
-        pi, ti = np.nonzero(todo & in_half[:, None])
-        for start in range(0, len(pi), batch):
-            p_b, t_b = pi[start : start + batch], ti[start : start + batch]
-            m = len(p_b)
-            pad = batch - m
-            uu = u0[p_b, t_b]
-            win = gather_pairs(stack, uu, t_b, box)
-            frac = uu - np.floor(uu + 0.5)
-
-            def padded(a, pad=pad):
-                a = np.asarray(a)
-                return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
-
-            valid = np.zeros(batch, np.float32)
-            valid[:m] = 1.0
-            w, t = _cc_pairs(
-                jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
-                jnp.asarray(padded(cam_rot[p_b, t_b]), jnp.float32),
-                jnp.asarray(padded(rel_depth[p_b, t_b]), jnp.float32),
-                jnp.asarray(padded(t_b), jnp.int32), jnp.int32(h), jnp.asarray(valid),
-                jnp.asarray(blur), const, half_width, want_sum,
-            )
-            out[p_b, t_b] = np.asarray(w)[:m]
-            if want_sum:
-                total += np.asarray(t, np.float64)
+    for p_b, t_b, m, args in pair_batches(
+        stack, u0, cam_rot, depth, centre_depth, half_set, todo, box=box, chunk=chunk
+    ):
+        w, t = _cc_pairs(*args, jnp.asarray(blur), const, half_width, want_sum)
+        out[p_b, t_b] = np.asarray(w)[:m]
+        if want_sum:
+            total += np.asarray(t, np.float64)
     return out, total

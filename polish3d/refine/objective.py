@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from polish3d.refine.likelihood import taylor_values
+
 __all__ = [
     "apply_tilt_params",
     "catmull_rom_2d",
@@ -119,12 +121,21 @@ def catmull_rom_2d(window: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def data_term(u: jax.Array, data: dict, range_reg: float) -> tuple[jax.Array, jax.Array]:
-    """``−Σ w·C(Δ)`` and the range penalty, for predicted 2D positions ``u`` ``(N, F, 2)``."""
+    """``−Σ w·C(Δ)`` and the range penalty, for predicted 2D positions ``u`` ``(N, F, 2)``.
+
+    ``C`` is the bicubic interpolation of the CC windows ``data["cc"]``, or, when the data hold
+    Taylor coefficients ``data["taylor"]`` (the final stage), the exact CC's local expansion
+    about ``u0`` (:func:`polish3d.refine.likelihood.taylor_values`).
+    """
     delta = u - data["u0"]
     r = data["window_radius"]
-    centre = (data["cc"].shape[-1] - 1) / 2.0
-    interp = jax.vmap(jax.vmap(catmull_rom_2d))
-    vals = interp(data["cc"], delta[..., 0] + centre, delta[..., 1] + centre)
+    if "taylor" in data:
+        # the final stage: the exact CC's local expansion at the real displacement (no grid)
+        vals = taylor_values(data["taylor"], delta, data["taylor_radius"])
+    else:
+        centre = (data["cc"].shape[-1] - 1) / 2.0
+        interp = jax.vmap(jax.vmap(catmull_rom_2d))
+        vals = interp(data["cc"], delta[..., 0] + centre, delta[..., 1] + centre)
     # relative to a per-pair baseline (the values at the start of the run): the float32 sum of
     # small differences keeps the precision L-BFGS needs near the optimum; the gradient is the same
     cost = -jnp.sum(data["weight"] * (vals - data["cc_base"]))

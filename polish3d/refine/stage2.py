@@ -38,6 +38,7 @@ def build_data(
     image_size_px,
     window_radius_px: float,
     n_pad: int | None = None,
+    taylor_radius_px: float = 0.0,
 ) -> dict:
     """The stage-2 data pytree (float32, particle axis padded to ``n_pad`` with zero weight).
 
@@ -51,6 +52,9 @@ def build_data(
         image_size_px: ``(W, H)``.
         window_radius_px: the CC window half-width ``r`` (pixels).
         n_pad: padded particle count (default: no padding).
+        taylor_radius_px: ``> 0``: ``cc`` holds the Taylor coefficients ``(N, F, M)`` of the exact
+            CC about ``u0`` (:func:`polish3d.refine.likelihood.compute_taylor`), trusted within
+            this radius (pixels); stored as ``data["taylor"]`` instead of ``data["cc"]``.
     """
     n = positions_px.shape[0]
     n_pad = n if n_pad is None else max(n_pad, n)  # (cc may already come padded to n_pad)
@@ -72,7 +76,12 @@ def build_data(
         "centre_cam": jnp.asarray(centre_cam, jnp.float32),
         "positions": jnp.asarray(padn(np.asarray(positions_px, np.float64)), jnp.float32),
         "u0": jnp.asarray(padn(np.asarray(u0, np.float64)), jnp.float32),
-        "cc": jnp.asarray(padn(np.asarray(cc, np.float32))),
+        **(
+            {"taylor": jnp.asarray(padn(np.asarray(cc, np.float32))),
+             "taylor_radius": jnp.float32(taylor_radius_px)}
+            if taylor_radius_px > 0
+            else {"cc": jnp.asarray(padn(np.asarray(cc, np.float32)))}
+        ),
         "weight": jnp.asarray(padn(np.asarray(weight, np.float32))),
         "particle_mask": jnp.asarray(mask),
         "offsets": jnp.zeros((n_pad, p.shape[0], 3), jnp.float32),
