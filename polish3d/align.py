@@ -1231,6 +1231,7 @@ def _run_validated(o: dict, argv: list[str], pipeline: bool) -> AlignOutcome:
         shift_only=bool(o.get("shift_only")),
         shift_only_by_particles=bool(o.get("shift_only_by_particles")),
         outer=int(o.get("outer", 3)),
+        exact_passes=int(o.get("exact_passes", 2)),
     )
     motion = _motion_config(o)
     deformation = _deformation_config(o)
@@ -1238,6 +1239,7 @@ def _run_validated(o: dict, argv: list[str], pipeline: bool) -> AlignOutcome:
     if o.get("device"):
         select_device(o["device"])
     threads = int(o.get("j") or 1)
+    _require(int(o.get("exact_passes", 2)) >= 0, "--exact_passes", o.get("exact_passes"), "a number >= 0")
     _require(int(o.get("workers") or 0) >= 0, "--workers", o.get("workers"), "a number of workers >= 0")
     if o.get("workers") and o.get("scheduler"):
         raise InputError("--workers and --scheduler: give one (a local cluster, or an existing one)")

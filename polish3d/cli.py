@@ -146,6 +146,11 @@ def align_cmd(
         int,
         Opt("--outer", help="polish3d: max. CC-map passes (2nd+ at the refined geometry; 1: RELION-like)."),
     ] = 3,
+    exact_passes: Annotated[
+        int,
+        Opt("--exact_passes", help="polish3d: passes of the final stage on the exact CC after the outer "
+            "iterations (no grid pins the result to the start; 0: off)."),
+    ] = 2,
     device: Annotated[str, Opt("--device", help="polish3d: JAX platform: cpu, gpu or tpu.")] = "",
     workers: Annotated[
         int,
