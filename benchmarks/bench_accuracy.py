@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _side_by_side import relion_binary
 
 SCENARIOS = {
     # name: (simulation overrides, align flags, per-tilt extra shift in px applied to the nominal)
@@ -113,15 +114,6 @@ def perturbed_truth(project: Path, sigma_px: float = PERTURB_SIGMA_PX, seed: int
     return "pert_input.star"
 
 
-def _relion_binary() -> Path | None:
-    folder = os.environ.get("RELION_BIN")
-    if folder:
-        exe = Path(folder) / "relion_tomo_align"
-        return exe if exe.exists() else None
-    found = shutil.which("relion_tomo_align")
-    return Path(found) if found else None
-
-
 def _score_row(project: Path, start_set: str, result_set: str) -> dict:
     from polish3d.score import score
 
@@ -191,7 +183,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     names = args.only.split(",") if args.only else list(SCENARIOS)
     starts = tuple(args.starts.split(","))
-    relion = None if args.no_relion else _relion_binary()
+    found = None if args.no_relion else relion_binary("relion_tomo_align")
+    relion = Path(found) if found else None
     if relion is None and not args.no_relion:
         print("# relion_tomo_align not found (set RELION_BIN or PATH): RELION rows skipped",
               flush=True)

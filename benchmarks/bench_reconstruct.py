@@ -19,38 +19,13 @@ it prints polish3d's figures and says so.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-
-POLISH3D_MAIN = "import sys; from polish3d.cli import main; sys.argv[0] = 'polish3d'; main()"
-
-
-def relion_binary() -> str | None:
-    """``relion_tomo_reconstruct_particle`` from ``$RELION_BIN`` or ``PATH`` (None if absent)."""
-    name = "relion_tomo_reconstruct_particle"
-    folder = os.environ.get("RELION_BIN")
-    if folder and (Path(folder) / name).exists():
-        return str(Path(folder) / name)
-    return shutil.which(name)
-
-
-def timed_process(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
-    """Run ``cmd`` as a fresh process; (wall seconds, peak resident MiB of that process)."""
-    with open(log, "w") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
-    return wall, usage.ru_maxrss / 1024.0
+from _side_by_side import POLISH3D_MAIN, relion_binary, timed_process
 
 
 def main() -> None:
@@ -78,7 +53,7 @@ def main() -> None:
         )
         simulate(cfg, project)
     opt = "truth/optimisation_set.star" if args.geometry == "truth" else "optimisation_set.star"
-    relion = relion_binary()
+    relion = relion_binary("relion_tomo_reconstruct_particle")
     print(f"RELION: {relion or 'not found (set RELION_BIN or put relion_tomo_reconstruct_particle on PATH)'}")
     programs = {"polish3d": [sys.executable, "-c", POLISH3D_MAIN, "reconstruct"]}
     if relion:

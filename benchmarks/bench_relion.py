@@ -19,10 +19,10 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _side_by_side import POLISH3D_MAIN, relion_binary, timed_process
 
 #: name: (simulation settings, align flags)
 CASES = {
@@ -37,29 +37,6 @@ CASES = {
                     s_vel=0.5),
                ["--b", "96", "--r", "20", "--motion"]),
 }
-
-
-POLISH3D_MAIN = "import sys; from polish3d.cli import main; sys.argv[0] = 'polish3d'; main()"
-
-
-def relion_align_binary() -> str | None:
-    """``relion_tomo_align`` from ``$RELION_BIN`` or ``PATH``; None when RELION is not installed."""
-    folder = os.environ.get("RELION_BIN")
-    if folder and (Path(folder) / "relion_tomo_align").exists():
-        return str(Path(folder) / "relion_tomo_align")
-    return shutil.which("relion_tomo_align")
-
-
-def timed_process(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
-    """Run ``cmd`` as a fresh process; return (wall seconds, peak resident MiB of that process)."""
-    with open(log, "w") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
-    return wall, usage.ru_maxrss / 1024.0
 
 
 def score_px(project: Path, refined: str) -> dict:
@@ -112,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    relion = relion_align_binary()
+    relion = relion_binary("relion_tomo_align")
     print(f"RELION: {relion or 'not installed (set RELION_BIN or put relion_tomo_align on PATH)'}")
     cols = ["case", "polish3d_s", "polish3d_mib", "polish3d_rms", "polish3d_median", "polish3d_p95"]
     if relion:
