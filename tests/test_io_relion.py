@@ -298,6 +298,13 @@ def test_with_tilt_series_matrix_handling():
     kept = s.with_tilt_series("TS_01", mag, keep_matrix=True)
     assert all(c in kept.tilt_tables["TS_01"] for c in PROJ_LABELS)
     np.testing.assert_allclose(kept.tilt_series("TS_01", load_images=False).projections, mag, atol=1e-12)
+    # by default the matrices are kept exactly when the Euler columns cannot hold them: a
+    # magnification from `polish3d fiducials` survives a later `polish3d align`
+    auto = s.with_tilt_series("TS_01", mag)
+    assert all(c in auto.tilt_tables["TS_01"] for c in PROJ_LABELS)
+    np.testing.assert_allclose(auto.tilt_series("TS_01", load_images=False).projections, mag, atol=1e-12)
+    assert not any(c in s.with_tilt_series("TS_01", ts.projections, keep_matrix=None).tilt_tables["TS_01"]
+                   for c in PROJ_LABELS)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from polish3d.errors import InputError
@@ -148,9 +147,9 @@ def run_fiducials(
                       result.residuals.to_csv(index=False, float_format="%.4f"))
     write_projections_star(out / f"{name}_projections.star", result, name)
     if tset is not None:
-        keep = bool(np.any(np.abs(result.magnification - 1.0) > 1e-12)
-                    or np.any(result.stretch != 0.0) or np.any(result.skew_deg != 0.0))
-        tset.with_tilt_series(tomo, projections=result.projections, keep_matrix=keep,
+        # the matrices are written as well when magnification, stretch or skew make them more
+        # than rotations (with_tilt_series decides)
+        tset.with_tilt_series(tomo, projections=result.projections,
                               image_size_px=result.image_size_px).write(out)
     rep = report_dict(result)
     atomic_write_text(out / "report.json", json.dumps(rep, indent=1))

@@ -142,19 +142,23 @@ def read_deformation(row: pd.Series, table: pd.DataFrame, where_g: str, where_t:
 
 
 def encode_projections(
-    table: pd.DataFrame, projections, *, keep_matrix: bool = False, **frame
+    table: pd.DataFrame, projections, *, keep_matrix: bool | None = None, **frame
 ) -> pd.DataFrame:
     """``table`` with the projections written as ``rlnTomoXTilt/YTilt/ZRot/X/YShiftAngst``.
 
     Via :func:`geometry.projection_to_euler` (``frame``: ``pixel_size_ang``, ``image_size_px``,
-    ``tomo_size_px``). ``rlnTomoProjX..W`` are dropped unless ``keep_matrix`` (then written as
-    ``[a,b,c,d]`` cells, which RELION reads in preference: needed when the matrices are not
-    rotations, e.g. magnification). New columns are appended; existing ones keep their place.
+    ``tomo_size_px``). ``rlnTomoProjX..W`` are written too (as ``[a,b,c,d]`` cells, which RELION
+    reads in preference) when ``keep_matrix``, or, with ``keep_matrix=None``, when some matrix
+    is not a rotation (magnification, stretch, skew: the Euler columns cannot hold it); else they
+    are dropped. New columns are appended; existing ones keep their place.
     """
     p = np.asarray(projections, dtype=np.float64)
     n = len(table)
     if p.shape != (n, 4, 4):
         raise ValueError(f"projections must have shape ({n}, 4, 4), got {p.shape}")
+    if keep_matrix is None:
+        a = p[:, :3, :3]
+        keep_matrix = not np.allclose(a @ np.swapaxes(a, 1, 2), np.eye(3), atol=1e-6)
     out = table.copy()
     cols = geometry.projection_to_euler(p, **frame)
     for lab in EULER_LABELS:

@@ -243,7 +243,7 @@ class TomogramSet:
         projections=None,
         deformation: Deformation | None = None,
         *,
-        keep_matrix: bool = False,
+        keep_matrix: bool | None = None,
         image_size_px: tuple[int, int] | None = None,
     ) -> TomogramSet:
         """A copy with new per-tilt geometry (and/or deformation) for one tilt series.
@@ -252,9 +252,9 @@ class TomogramSet:
             name: ``rlnTomoName``.
             projections: ``(F, 4, 4)`` new matrices (file order) or ``None`` (keep). Written as
                 ``rlnTomoXTilt/YTilt/ZRot/XShiftAngst/YShiftAngst`` via
-                :func:`geometry.projection_to_euler`; ``rlnTomoProjX..W`` are dropped unless
-                ``keep_matrix`` (then they are written as ``[a,b,c,d]`` cells, which RELION reads
-                in preference: needed when the matrices are not rotations, e.g. magnification).
+                :func:`geometry.projection_to_euler`; ``rlnTomoProjX..W`` too when
+                ``keep_matrix``, or (``None``) when some matrix is not a rotation (e.g.
+                magnification from ``polish3d fiducials``): see :func:`encode_projections`.
             deformation: new deformation or ``None`` (keep): global
                 ``rlnTomoDeformationGridSizeX/Y``, ``rlnTomoDeformationType`` and per-tilt
                 ``rlnTomoDeformationCoefficients``.
