@@ -371,7 +371,7 @@ def backproject_tomogram(
     """
     import jax.numpy as jnp
 
-    from polish3d.refine.ccmaps import gather_pairs
+    from polish3d.refine.ccmaps import padded_pair_chunks
     from polish3d.refine.tomogram import _visible
     from polish3d.score import project_particles
 
@@ -405,22 +405,9 @@ def backproject_tomogram(
     pi, ti = np.nonzero(vis)
     # a power of two ≥ the pairs of this tomogram, at most the chunk (few compilations)
     batch = min(options.pairs_per_call(), 1 << max(3, int(np.ceil(np.log2(max(len(pi), 1))))))
-    for start in range(0, len(pi), batch):
-        p_b, t_b = pi[start : start + batch], ti[start : start + batch]
-        m = len(p_b)
-        pad = batch - m
-        uu = u[p_b, t_b]
-        win = gather_pairs(stack, uu, t_b, window)
-        frac = uu - np.floor(uu + 0.5)
-
-        def padded(a, pad=pad):
-            a = np.asarray(a)
-            return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
-
-        valid = np.zeros(batch, np.float32)
-        valid[:m] = 1.0
+    for p_b, t_b, _, padded, win, frac, valid in padded_pair_chunks(stack, u, pi, ti, batch, window):
         acc = kernel(
-            acc, jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
+            acc, jnp.asarray(win), jnp.asarray(frac, jnp.float32),
             jnp.asarray(padded(bmat[p_b, t_b]), jnp.float32),
             jnp.asarray(padded(rel_depth[p_b, t_b]), jnp.float32),
             jnp.asarray(padded(t_b), jnp.int32), jnp.asarray(padded(half_set[p_b]), jnp.int32),

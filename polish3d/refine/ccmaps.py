@@ -207,6 +207,30 @@ def _cc_pairs(windows, frac, cam_rot, depth, tilt, half, valid, blur, const, hal
     return win, jax.ops.segment_sum(cc, tilt, num_segments=const["weights"].shape[0])
 
 
+def padded_pair_chunks(stack, u, pi, ti, batch: int, size: int):
+    """Particle–tilt pairs ``(pi, ti)`` in chunks of exactly ``batch`` (one compiled shape).
+
+    Yields ``(p_idx, t_idx, m, padded, windows, frac, valid)``: ``m`` real pairs, ``padded(a)``
+    pads a per-pair array to ``batch`` by repeating its first row, ``windows`` the ``size²``
+    boxes gathered at the rounded positions ``u[pi, ti]`` (padded), ``frac`` the sub-pixel rest
+    (padded), ``valid`` 1 for real pairs and 0 for padding.
+    """
+    for start in range(0, len(pi), batch):
+        p_b, t_b = pi[start : start + batch], ti[start : start + batch]
+        m = len(p_b)
+        pad = batch - m
+
+        def padded(a, pad=pad):
+            a = np.asarray(a)
+            return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
+
+        uu = u[p_b, t_b]
+        valid = np.zeros(batch, np.float32)
+        valid[:m] = 1.0
+        yield (p_b, t_b, m, padded, padded(gather_pairs(stack, uu, t_b, size)),
+               padded(uu - np.floor(uu + 0.5)), valid)
+
+
 def pair_batches(stack, u0, cam_rot, depth, centre_depth, half_set, todo, *, box: int, chunk: int):
     """Host side of the CC stage: fixed-size batches of the pairs ``todo (N, F)``.
 
@@ -222,22 +246,9 @@ def pair_batches(stack, u0, cam_rot, depth, centre_depth, half_set, todo, *, box
     for h in (1, 2):
         in_half = (half_set == 2) if h == 2 else (half_set != 2)
         pi, ti = np.nonzero(todo & in_half[:, None])
-        for start in range(0, len(pi), batch):
-            p_b, t_b = pi[start : start + batch], ti[start : start + batch]
-            m = len(p_b)
-            pad = batch - m
-            uu = u0[p_b, t_b]
-            win = gather_pairs(stack, uu, t_b, box)
-            frac = uu - np.floor(uu + 0.5)
-
-            def padded(a, pad=pad):
-                a = np.asarray(a)
-                return np.concatenate([a, np.repeat(a[:1], pad, 0)], 0) if pad else a
-
-            valid = np.zeros(batch, np.float32)
-            valid[:m] = 1.0
+        for p_b, t_b, m, padded, win, frac, valid in padded_pair_chunks(stack, u0, pi, ti, batch, box):
             args = (
-                jnp.asarray(padded(win)), jnp.asarray(padded(frac), jnp.float32),
+                jnp.asarray(win), jnp.asarray(frac, jnp.float32),
                 jnp.asarray(padded(cam_rot[p_b, t_b]), jnp.float32),
                 jnp.asarray(padded(rel_depth[p_b, t_b]), jnp.float32),
                 jnp.asarray(padded(t_b), jnp.int32), jnp.int32(h), jnp.asarray(valid),
