@@ -418,6 +418,22 @@ def refine_tomogram(
     if not config.const_p and not config.shift_only:
         free.append("positions")
     free += [k for k, pl in plugins.items() if pl.free]
+
+    def stage2_problem(u, store, weight, **extra):
+        """Stage-2 data (current geometry, CC store, input motion, plug-ins) and start point."""
+        data = stage2.build_data(
+            p_cur, x_cur, u, store, weight, tomo_size_px=ts.tomo_size_px,
+            image_size_px=ts.image_size_px, window_radius_px=config.r, n_pad=n_pad, **extra,
+        )
+        if motion_plugin is None and particles.trajectories_px is not None:
+            data["offsets"] = jnp.asarray(
+                np.concatenate([offsets_now(), np.zeros((n_pad - n, f, 3))], 0), jnp.float32
+            )
+        for pl in plugins.values():
+            data.update(pl.data(p_cur, x_cur))
+        params = stage2.initial_params(f, n_pad)
+        params.update(plugin_params)
+        return data, params
     free = tuple(free)
 
     n_outer = 1 if config.shift_only else max(config.outer, 1)
@@ -456,18 +472,7 @@ def refine_tomogram(
         t_cc = time.perf_counter() - t0
         vis = vis0
         weight = vis.astype(np.float32)
-        data = stage2.build_data(
-            p_cur, x_cur, u0, cc_store, weight, tomo_size_px=ts.tomo_size_px,
-            image_size_px=ts.image_size_px, window_radius_px=config.r, n_pad=n_pad,
-        )
-        if motion_plugin is None and particles.trajectories_px is not None:
-            data["offsets"] = jnp.asarray(
-                np.concatenate([offsets_now(), np.zeros((n_pad - n, f, 3))], 0), jnp.float32
-            )
-        for pl in plugins.values():
-            data.update(pl.data(p_cur, x_cur))
-        params = stage2.initial_params(f, n_pad)
-        params.update(plugin_params)
+        data, params = stage2_problem(u0, cc_store, weight)
         cc_centre = cc_raw[:, :, hw, hw]
         per_tilt_cc = [float(cc_centre[vis[:, j], j].mean()) if vis[:, j].any() else 0.0 for j in range(f)]
         if cc_before is None:
@@ -559,19 +564,8 @@ def refine_tomogram(
             n_pad=n_pad,
         )
         t_cc = time.perf_counter() - t0
-        data = stage2.build_data(
-            p_cur, x_cur, u, taylor, vis.astype(np.float32), tomo_size_px=ts.tomo_size_px,
-            image_size_px=ts.image_size_px, window_radius_px=config.r, n_pad=n_pad,
-            taylor_radius_px=config.exact_radius_px,
-        )
-        if motion_plugin is None and particles.trajectories_px is not None:
-            data["offsets"] = jnp.asarray(
-                np.concatenate([offsets_now(), np.zeros((n_pad - n, f, 3))], 0), jnp.float32
-            )
-        for pl in plugins.values():
-            data.update(pl.data(p_cur, x_cur))
-        params = stage2.initial_params(f, n_pad)
-        params.update(plugin_params)
+        data, params = stage2_problem(u, taylor, vis.astype(np.float32),
+                                      taylor_radius_px=config.exact_radius_px)
 
         index = n_loops + exact_pass  # numbered after the outer iterations
 
