@@ -152,6 +152,11 @@ def align_cmd(
             "iterations (no grid pins the result to the start; 0: off)."),
     ] = 2,
     device: Annotated[str, Opt("--device", help="polish3d: JAX platform: cpu, gpu or tpu.")] = "",
+    fsc_check: Annotated[
+        bool,
+        Opt("--fsc_check", help="polish3d: reconstruct the half maps from the input and the refined "
+            "geometry and report both FSCs (about doubles the run time)."),
+    ] = False,
     workers: Annotated[
         int,
         Opt("--workers", help="polish3d: refine tomograms as tasks on a local Dask cluster of this many "

@@ -122,3 +122,17 @@ def test_bad_flags_exit_2(project, flags, message):
         os.chdir(cwd)
     assert res.exit_code == 2
     assert message in res.output
+
+
+def test_fsc_check_reports_half_map_fsc_before_and_after(project):
+    """--fsc_check: the half maps from the refined geometry reach a finer resolution than those
+    from the input; metrics.json and the report carry both curves."""
+    _align(project, "Fsc/", "--fsc_check")
+    metrics = json.loads((project / "Fsc" / "metrics.json").read_text())
+    fsc = metrics["fsc"]
+    assert len(fsc["before"]) == len(fsc["after"]) == len(fsc["shell"]) == 32 // 2 + 1
+    assert np.isfinite(fsc["resolution_before_ang"]) and np.isfinite(fsc["resolution_after_ang"])
+    assert fsc["resolution_after_ang"] < fsc["resolution_before_ang"]
+    assert np.mean(fsc["after"][2:10]) > np.mean(fsc["before"][2:10])
+    html = (project / "Fsc" / "report.html").read_text()
+    assert 'alt="Half-map FSC, before and after"' in html or "Half-map FSC, before and after\" src" in html
