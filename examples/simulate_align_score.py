@@ -10,7 +10,7 @@
 3. scores the nominal input and the refined output against the truth and prints both tables.
 
 ``--small`` (or ``POLISH3D_EXAMPLE_SMALL=1``) makes a tiny dataset for the test suite.
-Takes about 15 s on 2 CPU cores (reprojection error 5.96 px → 0.06 px RMS).
+Takes about 25 s on 2 CPU cores, report.html included (reprojection error 5.96 px → 0.06 px RMS).
 """
 
 from __future__ import annotations
