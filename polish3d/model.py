@@ -143,3 +143,20 @@ class TomogramResult:
     trajectories_px: np.ndarray | None = None
     deformation: Deformation | None = None
     metrics: dict = field(default_factory=dict)
+
+
+def deformation_coefficient_count(model: str, grid) -> int:
+    """Length of one tilt's ``rlnTomoDeformationCoefficients`` for a model and grid ``(gw, gh)``.
+
+    ``spline``: ``8·gw·gh``; ``linear``: 3; ``Fourier``: ``4·n_freq`` with RELION's frequency
+    set (``polish3d.refine.deformation.fourier_frequencies``; the layout RELION *writes*).
+    """
+    gw, gh = (int(v) for v in grid)
+    if model == "spline":
+        return 8 * gw * gh
+    if model == "linear":
+        return 3
+    if model == "Fourier":
+        n_freq = sum(gw // 2 + (1 if 0 < iy < gh // 2 else 0) for iy in range(gh))
+        return 4 * n_freq
+    raise ValueError(f"unknown deformation model {model!r}")

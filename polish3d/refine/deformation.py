@@ -86,7 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polish3d.errors import InputError
-from polish3d.model import Deformation
+from polish3d.model import Deformation, deformation_coefficient_count
 
 __all__ = [
     "MODELS",
@@ -164,15 +164,8 @@ def fourier_frequencies(grid) -> np.ndarray:
 
 
 def n_coefficients(model: str, grid) -> int:
-    """Length of one tilt's coefficient vector: spline ``8·gw·gh``, linear 3, Fourier ``4·n_freq``."""
-    gw, gh = (int(v) for v in grid)
-    if model == "spline":
-        return 8 * gw * gh
-    if model == "linear":
-        return 3
-    if model == "Fourier":
-        return 4 * len(fourier_frequencies(grid))
-    raise ValueError(f"unknown deformation model {model!r}")
+    """Length of one tilt's coefficient vector (:func:`polish3d.model.deformation_coefficient_count`)."""
+    return deformation_coefficient_count(model, grid)
 
 
 def _hermite(t):

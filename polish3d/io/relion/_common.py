@@ -17,6 +17,7 @@ import pandas as pd
 
 from polish3d.errors import InputError
 from polish3d.io.star import parse_vector
+from polish3d.model import deformation_coefficient_count  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +41,6 @@ DEFORMATION_TYPES = ("spline", "Fourier", "linear")
 DEFORMATION_LABELS = ("rlnTomoDeformationGridSizeX", "rlnTomoDeformationGridSizeY", "rlnTomoDeformationType")
 
 
-def deformation_coefficient_count(model: str, grid) -> int:
-    """Length of one tilt's ``rlnTomoDeformationCoefficients`` for a model and grid ``(gw, gh)``.
-
-    ``spline``: ``8·gw·gh``; ``linear``: 3; ``Fourier``: ``4·n_freq`` with RELION's frequency
-    set (``polish3d.refine.deformation.fourier_frequencies``; the layout RELION *writes*).
-    """
-    gw, gh = (int(v) for v in grid)
-    if model == "spline":
-        return 8 * gw * gh
-    if model == "linear":
-        return 3
-    if model == "Fourier":
-        n_freq = sum(gw // 2 + (1 if 0 < iy < gh // 2 else 0) for iy in range(gh))
-        return 4 * n_freq
-    raise ValueError(f"unknown deformation model {model!r}")
 
 
 
