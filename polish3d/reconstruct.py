@@ -308,34 +308,18 @@ def _insert_kernel(box: int, window: int):
 def _tomogram_constants(ts: TiltSeriesData, options: ReconstructOptions) -> dict:
     import jax.numpy as jnp
 
-    from polish3d.refine.tomogram import _dose_stack
+    from polish3d.refine.tomogram import ctf_constants, dose_weight_stack
 
     box = options.box
     px = float(ts.pixel_size_ang) * options.binning
-    dose = np.asarray(
-        _dose_stack(
-            jnp.asarray(ts.pre_exposure_e_per_ang2, jnp.float32), jnp.float32(px),
-            jnp.float32(ts.bfactor_per_dose_ang2), box,
-        )
-    )
+    dose = dose_weight_stack(ts, box, px)
     limits = _row_limits(dose, options.cutoff_fract)  # (F, s)
     rows = (np.arange(box // 2 + 1)[None, None, :] < limits[:, :, None]).astype(np.float32)
-    f32 = jnp.float32
     return {
-        "dose": jnp.asarray(dose, f32),
+        "dose": jnp.asarray(dose, jnp.float32),
         "rows": jnp.asarray(rows),
-        "max_freq": jnp.asarray(limits[:, 0], f32),
-        "defocus_u": jnp.asarray(ts.defocus_u_ang, f32),
-        "defocus_v": jnp.asarray(ts.defocus_v_ang, f32),
-        "defocus_angle": jnp.asarray(ts.defocus_angle_deg, f32),
-        "phase_shift": jnp.asarray(ts.phase_shift_deg, f32),
-        "bfactor": jnp.asarray(ts.ctf_bfactor_ang2, f32),
-        "ctf_scale": jnp.asarray(ts.ctf_scale, f32),
-        "pixel_size": f32(px),
-        "voltage": f32(ts.voltage_kv),
-        "cs": f32(ts.cs_mm),
-        "q0": f32(ts.amplitude_contrast),
-        "hand_slope_px": f32(ts.hand * ts.defocus_slope * ts.pixel_size_ang),
+        "max_freq": jnp.asarray(limits[:, 0], jnp.float32),
+        **ctf_constants(ts, px),
     }
 
 

@@ -214,33 +214,62 @@ def prepare_tomogram_constants(
     """The CC-stage constants of one tomogram (weights, dose, CTF parameters, references)."""
     box = config.box
     noise = noise_spectra(stack, box)
-    dose = np.asarray(
-        _dose_stack(
-            jnp.asarray(ts.pre_exposure_e_per_ang2, jnp.float32), jnp.float32(ts.pixel_size_ang),
-            jnp.float32(ts.bfactor_per_dose_ang2), box,
-        )
-    )
+    dose = dose_weight_stack(ts, box, ts.pixel_size_ang)
     weights = ccmaps.frequency_weights(
         noise, envelope, dose, box=box, whiten=config.whiten, per_frame_noise=config.per_frame_noise,
         srp=config.srp, hp=config.hp, cutoff_fract=config.cutoff_fract,
     )
     dose = np.where(weights > 0, dose, 0.0)
-    f32 = jnp.float32
     return {
         "refs": refs_ft,
         "weights": jnp.asarray(weights),
-        "dose": jnp.asarray(dose, f32),
+        "dose": jnp.asarray(dose, jnp.float32),
+        **ctf_constants(ts, ts.pixel_size_ang),
+    }
+
+
+def dose_weight_stack(ts: TiltSeriesData, box: int, pixel_size_ang: float) -> np.ndarray:
+    """Per-tilt dose weights ``(F, box, box//2+1)`` of a box sampled at ``pixel_size_ang``."""
+    return np.asarray(
+        _dose_stack(
+            jnp.asarray(ts.pre_exposure_e_per_ang2, jnp.float32), jnp.float32(pixel_size_ang),
+            jnp.float32(ts.bfactor_per_dose_ang2), box,
+        )
+    )
+
+
+def ctf_constants(ts: TiltSeriesData, pixel_size_ang: float) -> dict:
+    """Per-tilt CTF parameters (float32) of the CC stage and the reconstruction, for boxes sampled
+    at ``pixel_size_ang`` (the defocus change with depth stays in tilt-series pixels)."""
+    f32 = jnp.float32
+    return {
         "defocus_u": jnp.asarray(ts.defocus_u_ang, f32),
         "defocus_v": jnp.asarray(ts.defocus_v_ang, f32),
         "defocus_angle": jnp.asarray(ts.defocus_angle_deg, f32),
         "phase_shift": jnp.asarray(ts.phase_shift_deg, f32),
         "bfactor": jnp.asarray(ts.ctf_bfactor_ang2, f32),
         "ctf_scale": jnp.asarray(ts.ctf_scale, f32),
-        "pixel_size": f32(ts.pixel_size_ang),
+        "pixel_size": f32(pixel_size_ang),
         "voltage": f32(ts.voltage_kv),
         "cs": f32(ts.cs_mm),
         "q0": f32(ts.amplitude_contrast),
         "hand_slope_px": f32(ts.hand * ts.defocus_slope * ts.pixel_size_ang),
+    }
+
+
+def _pass_record(outer: int, recomputed_pairs: int, blur_px: float, cc_seconds: float, info, **extra) -> dict:
+    """One entry of ``metrics["outer"]``: a CC pass (or final exact pass) and its L-BFGS run."""
+    return {
+        "outer": outer,
+        "recomputed_pairs": recomputed_pairs,
+        "blur_px": blur_px,
+        "cost_initial": info.cost_initial,
+        "cost_final": info.cost_final,
+        "iterations": info.iterations,
+        "converged": info.converged,
+        "cc_seconds": cc_seconds,
+        "lbfgs_seconds": info.seconds,
+        **extra,
     }
 
 
@@ -492,17 +521,7 @@ def refine_tomogram(
                 max_iter=config.it if blur == 0 else min(config.it, 60),
                 ftol=1e-10 if blur == 0 else 1e-7,
             )
-            step = {
-                "outer": outer,
-                "recomputed_pairs": int((redo & vis0).sum()),
-                "blur_px": blur,
-                "cost_initial": info.cost_initial,
-                "cost_final": info.cost_final,
-                "iterations": info.iterations,
-                "converged": info.converged,
-                "cc_seconds": t_cc,
-                "lbfgs_seconds": info.seconds,
-            }
+            step = _pass_record(outer, int((redo & vis0).sum()), blur, t_cc, info)
             t_cc = 0.0
             metrics["outer"].append(step)
         delta, dpos = stage2.results_from_params(params, data, options, n)
@@ -582,20 +601,11 @@ def refine_tomogram(
         x_new = x_cur + dpos if "positions" in free else x_cur
         plugin_params = {k: params[k] for k in plugins}
         move = np.linalg.norm(current_geometry(p_new, x_new)[0] - u, axis=-1)
-        step = {
-            "outer": index,
-            "exact": True,
-            "recomputed_pairs": int(vis.sum()),
-            "blur_px": 0.0,
-            "cost_initial": info.cost_initial,
-            "cost_final": info.cost_final,
-            "iterations": info.iterations,
-            "converged": info.converged,
-            "cc_seconds": t_cc,
-            "lbfgs_seconds": info.seconds,
-            "move_rms_px": float(np.sqrt(np.mean(move[vis] ** 2))) if vis.any() else 0.0,
-            "move_max_px": float(move[vis].max()) if vis.any() else 0.0,
-        }
+        step = _pass_record(
+            index, int(vis.sum()), 0.0, t_cc, info, exact=True,
+            move_rms_px=float(np.sqrt(np.mean(move[vis] ** 2))) if vis.any() else 0.0,
+            move_max_px=float(move[vis].max()) if vis.any() else 0.0,
+        )
         metrics["outer"].append(step)
         report("outer", **step)
         p_cur, x_cur = p_new, x_new
