@@ -378,22 +378,12 @@ def check_config(config, motion=None, deformation=None) -> None:
         )
 
 
-def _input_projections(ts, parts) -> np.ndarray:
-    """``(N, F, 2)`` where the input geometry projects every particle (input motion included)."""
-    p = np.asarray(ts.projections, np.float64)
-    f = ts.n_tilts
-    pts = np.asarray(parts.positions_px, np.float64)[:, None, :]
-    if parts.trajectories_px is not None:
-        pts = pts + np.asarray(parts.trajectories_px, np.float64)
-    pts = np.broadcast_to(pts, (len(pts), f, 3))
-    return np.einsum("fij,nfj->nfi", p[:, :2, :3], pts) + p[None, :, :2, 3]
-
-
 def _plan_tomogram(ts, parts, config) -> str:
     """Why nothing of this tomogram can be refined ("" when something can); InputError when the
     options cannot work for it at all."""
     from polish3d import geometry
     from polish3d.refine.tomogram import _visible
+    from polish3d.score import project_particles
 
     w, h = ts.image_size_px
     box = config.box
@@ -412,7 +402,7 @@ def _plan_tomogram(ts, parts, config) -> str:
     rank[geometry.dose_order(ts.pre_exposure_e_per_ang2)] = np.arange(f)
     kmax = f - 1 if config.max_frame < 0 else min(config.max_frame, f - 1)
     frame_ok = (rank >= config.min_frame) & (rank <= kmax)
-    vis = _visible(_input_projections(ts, parts), ts.image_size_px, box) & frame_ok[None, :]
+    vis = _visible(project_particles(ts, parts), ts.image_size_px, box) & frame_ok[None, :]
     if not vis.any():
         return (
             f"{ts.name}: none of its {parts.n_particles} particles projects inside the tilt images "
@@ -873,6 +863,7 @@ def _refine_one(ts, parts, refs_ft, idx, fsc, envelopes, config, motion, deforma
     """One tomogram: open its images (non-finite pixels masked and counted), refine."""
     from polish3d.io.stacks import StackView
     from polish3d.refine import tomogram as tomo_refine
+    from polish3d.score import project_particles
 
     name = ts.name
     stack = StackView(ts.image_files)
@@ -889,7 +880,7 @@ def _refine_one(ts, parts, refs_ft, idx, fsc, envelopes, config, motion, deforma
         if all(stack.non_finite.get(j) == per_image for j in range(ts.n_tilts)):
             log.warning("  %s: every tilt image is entirely non-finite; not refined", name)
             return None
-        left_out = int(np.count_nonzero(~stack.usable(_input_projections(ts, parts), config.box)))
+        left_out = int(np.count_nonzero(~stack.usable(project_particles(ts, parts), config.box)))
         if left_out:
             log.warning("  %s: %d particle–tilt box(es) lie mostly (> 50 %%) in masked pixels and are "
                         "left out", name, left_out)
