@@ -12,6 +12,7 @@ from polish3d.api import read_optimisation_set
 from polish3d.errors import InputError
 from polish3d.imaging import fsc_from_half_maps
 from polish3d.model import TomogramResult
+from polish3d.reconstruct import insertion
 from polish3d.simulate import SimulationConfig, phantom_volume, simulate
 
 BOX = 32
@@ -108,7 +109,7 @@ def test_insertion_touches_relions_voxels_with_relions_values(angles):
     weight = (np.abs(np.fft.rfft2(rng.normal(size=(s, s)))) ** 2 + 0.1).astype(np.float32)
     a = geo.euler_zyz_matrix(*angles)
     bmat = np.linalg.inv(a).T
-    flat, vals = rc._insert_one(
+    flat, vals = insertion._insert_one(
         jnp.asarray(data), jnp.asarray(weight), jnp.asarray(bmat, jnp.float32), 4.0, s
     )
     flat, vals = np.asarray(flat), np.asarray(vals)
@@ -128,7 +129,7 @@ def test_row_limits_follow_the_dose_cutoff_and_the_circle():
     s = 8
     dose = np.ones((2, s, s // 2 + 1))
     dose[1, :, 3:] = 0.001
-    lim = rc._row_limits(dose, 0.01)
+    lim = insertion._row_limits(dose, 0.01)
     ky = np.abs(np.fft.fftfreq(s) * s)
     np.testing.assert_array_equal(lim[0], np.floor(np.sqrt(16 - ky**2)).astype(int) + 1)
     np.testing.assert_array_equal(lim[1], np.minimum(lim[0], 3))
