@@ -20,9 +20,13 @@ absent says "not computed"):
   ``per_tilt_cc_last`` (F), ``coarse_rejected_tilts`` (rows), ``rescued_particles``,
   ``motion`` and ``deformation`` (dicts as written by the refiners; ``deformation.notes``),
   ``flags``: list of strings or ``{"message": str, ...}`` (shown as warnings), and
-  ``validation``: ``{"tilts": [{"row": int, "cc_input": float, "cc_refined": float,
-  "verdict": "kept" | "rolled back" | "no signal"}], "verdict": str}`` (held-out CC per tilt
-  and the tomogram's verdict).
+  ``validation`` (held-out validation; all keys optional but ``tilts`` and ``verdict``):
+  ``{"verdict": "improved" | "rolled_back" | "reference_mismatch" | "no_signal" | "off",
+  "tilts": [{"row": int, "cc_input": float, "cc_refined": float, "z": float,
+  "signal_z": float, "verdict": "improved" | "kept" | "rolled_back" | "no_signal"}],
+  "rolled_back_tilts": [row], "no_signal_tilts": [row], "weak_particles": [index],
+  "messages": [str]}`` (verdicts may also be written with spaces: ``"rolled back"``).
+  The messages are the suggested actions: shown at the top of the page and per tomogram.
 * ``fsc`` (whole run) and ``tomograms[name]["fsc"]`` (optional, same shape):
   ``{"shell": [int], "frequency_per_ang": [float] (optional, 1/Å), "before": [float],
   "after": [float], "resolution_before_ang": float, "resolution_after_ang": float}``.
@@ -52,6 +56,7 @@ from polish3d.report_figures import (
     fig_per_tilt,
     fig_trajectories,
     fig_validation,
+    verdict_key,
 )
 
 __all__ = ["build_report", "gather", "register_cli", "write_report"]
@@ -282,9 +287,20 @@ td,th{border:1px solid #ccc;padding:4px 9px;text-align:right} th{background:#eef
 td.text,th:first-child{text-align:left} .meta{color:#555;font-size:.9em} .na{color:#888;font-style:italic}
 .warn{color:#a35200} .bad{color:#c62828;font-weight:600} .good{color:#2e7d32;font-weight:600}
 code{background:#f4f4f4;padding:1px 4px} img{max-width:100%;display:block;margin:4px 0 10px}
+.actions{border-left:5px solid #e69f00;background:#fff8e6;padding:6px 14px;margin:12px 0}
+.actions h3{margin-top:4px} .verdict{font-size:1.1em}
 """
 
-_VERDICT_CLASS = {"kept": "good", "improved": "good", "ok": "good", "rolled back": "bad"}
+_VERDICT_CLASS = {"kept": "good", "improved": "good", "ok": "good", "rolled_back": "bad",
+                  "reference_mismatch": "bad", "no_signal": "warn", "off": "na"}
+#: what a tomogram's held-out verdict means, for the page
+_VERDICT_TEXT = {
+    "improved": "the refined geometry fits held-out particles better than the input",
+    "rolled_back": "the refined geometry did not improve on held-out particles: input geometry kept",
+    "reference_mismatch": "the reference does not match the particles: input geometry kept",
+    "no_signal": "no significant signal in the particles: input geometry kept",
+    "off": "held-out validation was turned off for this run",
+}
 
 
 def _e(text) -> str:
@@ -314,19 +330,74 @@ def _flags(d: TomoData, metrics: dict) -> list[str]:
     if m.get("non_finite_pixels"):
         out.append(f"non-finite pixels in tilts {sorted(m['non_finite_pixels'])} (masked)")
     out += [str(n) for n in (m.get("deformation") or {}).get("notes") or []]
-    tilts = (m.get("validation") or {}).get("tilts") or []
-    for verdict in ("rolled back", "no signal"):
-        rows = [t.get("row") for t in tilts if t.get("verdict") == verdict]
-        if rows:
-            out.append(f"{len(rows)} tilt(s) {verdict} on held-out data: rows {rows}")
+    val = _validation(d)
+    for key in ("rolled_back", "no_signal"):
+        if val[key]:
+            what = "rolled back" if key == "rolled_back" else "without signal"
+            out.append(f"{len(val[key])} tilt(s) {what} on held-out data (input geometry kept): "
+                       f"rows {val[key]}")
+    if val["weak"]:
+        out.append(f"{len(val['weak'])} particle(s) whose CC never rises above noise")
     return out + d.notes
 
 
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _validation(d: TomoData) -> dict:
+    """The held-out validation of a tomogram, tolerant of missing keys: ``verdict`` (a key, or
+    ``None``), ``rolled_back`` / ``no_signal`` (tilt rows), ``weak`` (particle indices),
+    ``messages``. Rows not listed explicitly are taken from the per-tilt verdicts."""
+    v = d.metrics.get("validation")
+    v = v if isinstance(v, dict) else {}
+    tilts = [t for t in v.get("tilts") or [] if isinstance(t, dict)]
+    out = {"verdict": verdict_key(v["verdict"]) if v.get("verdict") is not None else None,
+           "n_tilts": len(tilts), "weak": _as_list(v.get("weak_particles")),
+           "messages": [str(x) for x in _as_list(v.get("messages"))]}
+    for key in ("rolled_back", "no_signal"):
+        listed = v.get(f"{key}_tilts")
+        out[key] = _as_list(listed) if listed is not None else [
+            t.get("row") for t in tilts if verdict_key(t.get("verdict")) == key]
+    return out
+
+
 def _verdict(d: TomoData) -> str:
-    v = (d.metrics.get("validation") or {}).get("verdict")
-    if v is None:
+    """The summary cell: the tomogram's verdict, then the tilts whose input geometry stays."""
+    val = _validation(d)
+    if val["verdict"] is None:
         return f'<span class="na">{NOT_COMPUTED}</span>'
-    return f'<span class="{_VERDICT_CLASS.get(str(v), "warn")}">{_e(v)}</span>'
+    cls = _VERDICT_CLASS.get(val["verdict"], "warn")
+    counts = [f"{len(val[k])} {k.replace('_', ' ')}" for k in ("rolled_back", "no_signal") if val[k]]
+    more = f'; <span class="warn">tilts: {", ".join(counts)}</span>' if counts else ""
+    return f'<span class="{cls}">{_e(val["verdict"].replace("_", " "))}</span>{more}'
+
+
+def _validation_html(d: TomoData) -> str:
+    """Verdict, weak particles and suggested actions of one tomogram (above its plot)."""
+    val = _validation(d)
+    if val["verdict"] is None:
+        return ""
+    meaning = _VERDICT_TEXT.get(val["verdict"], "")
+    parts = [f'<p class="verdict" data-verdict="{_e(val["verdict"])}">Held-out verdict: '
+             f"{_verdict(d)}{(' – ' + _e(meaning)) if meaning else ''}</p>"]
+    if val["weak"]:
+        shown = ", ".join(str(i) for i in val["weak"][:30]) + (" …" if len(val["weak"]) > 30 else "")
+        parts.append(f'<p class="warn" data-weak="{len(val["weak"])}">{len(val["weak"])} weak particle(s) '
+                     f"(CC never above noise; indices in particles.star order of this tomogram): {shown}</p>")
+    if val["messages"]:
+        parts.append('<div class="actions"><b>Suggested actions</b><ul>'
+                     + "".join(f"<li>{_e(msg)}</li>" for msg in val["messages"]) + "</ul></div>")
+    return "\n".join(parts)
+
+
+def _actions_html(run: RunData) -> str:
+    """Every tomogram's suggested actions in one box at the top of the page ("" if none)."""
+    items = [f"<li><b>{_e(d.name)}</b>: {_e(msg)}</li>" for d in run.tomograms
+             for msg in _validation(d)["messages"]]
+    if not items:
+        return ""
+    return f'<div class="actions" id="actions"><h3>Suggested actions</h3><ul>{"".join(items)}</ul></div>'
 
 
 def _summary_table(run: RunData) -> str:
@@ -351,8 +422,8 @@ def _img(b64: str, name: str, alt: str) -> str:
     return f'<img data-plot="{_e(name)}" alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
 
 
-def _section(title: str, key: str, draw, reason: str) -> str:
-    """``<h3>`` and the plot, or the reason it is absent ("not computed …")."""
+def _section(title: str, key: str, draw, reason: str, intro: str = "") -> str:
+    """``<h3>``, ``intro`` (HTML) and the plot, or the reason it is absent ("not computed …")."""
     body = f'<p class="na" data-missing="{_e(key)}">{NOT_COMPUTED}: {_e(reason)}</p>'
     if draw is not None:
         try:
@@ -360,11 +431,11 @@ def _section(title: str, key: str, draw, reason: str) -> str:
         except Exception as exc:  # noqa: BLE001 - one bad plot must not lose the report
             log.warning("report: could not draw %s (%s)", key, exc)
             body = f'<p class="bad" data-failed="{_e(key)}">could not draw this plot: {_e(exc)}</p>'
-    return f'<h3>{_e(title)}</h3>\n{body}'
+    return f'<h3>{_e(title)}</h3>\n{intro}\n{body}'
 
 
 def _tomogram_html(d: TomoData, run: RunData) -> str:
-    m, flags = d.metrics, _flags(d, run.metrics)
+    m, flags, val = d.metrics, _flags(d, run.metrics), _validation(d)
     no_input, tilts = f"the input geometry is not available ({run.inputs})", d.tilt_deg is not None
     traj = d.trajectories_px is not None and d.dose_order is not None and d.trajectories_px.shape[1] > 1
     sections = [  # title, key, can draw, figure, why not
@@ -372,8 +443,8 @@ def _tomogram_html(d: TomoData, run: RunData) -> str:
         ("Per-tilt displacement and CC", "per_tilt", tilts, fig_per_tilt, "no per-tilt data"),
         ("Particle displacements", "displacements", d.disp3d_px is not None and d.disp2d_px is not None,
          fig_displacements, no_input),
-        ("Held-out validation", "validation", tilts and bool((m.get("validation") or {}).get("tilts")),
-         fig_validation, "no held-out validation in metrics.json"),
+        ("Held-out validation", "validation", tilts and bool(val["n_tilts"]), fig_validation,
+         _VERDICT_TEXT["off"] if val["verdict"] == "off" else "no held-out validation in metrics.json"),
         ("FSC of this tomogram's particles", "fsc_tomogram", bool(m.get("fsc")), lambda _: fig_fsc(m["fsc"]),
          None),
         ("Trajectories", "trajectories", traj, fig_trajectories, "no trajectories (align without --motion)"),
@@ -383,7 +454,8 @@ def _tomogram_html(d: TomoData, run: RunData) -> str:
     parts = [f'<h2 id="tomo-{_e(d.name)}">{_e(d.name)}</h2>',
              "<ul>" + "".join(f'<li class="warn">{_e(f)}</li>' for f in flags) + "</ul>" if flags
              else '<p class="meta">No flags.</p>']
-    parts += [_section(title, key, (lambda fn=fn: fn(d)) if ok else None, why)
+    parts += [_section(title, key, (lambda fn=fn: fn(d)) if ok else None, why,
+                       _validation_html(d) if key == "validation" else "")
               for title, key, ok, fn, why in sections if ok or why is not None]
     return "\n".join(parts)
 
@@ -407,7 +479,7 @@ def build_report(run: RunData) -> str:
         f"pixel size {', '.join(f'{p:g}' for p in px) or '–'} Å/px (px below: tilt-series pixels); "
         f"input geometry from: {_e(run.inputs)}.</p>",
         f'<p class="meta">Command: <code>{_e(run.command or "(not recorded)")}</code></p>',
-        "<h2>Summary</h2>", _summary_table(run), fsc_html,
+        "<h2>Summary</h2>", _summary_table(run), _actions_html(run), fsc_html,
         "<h3>Warnings in polish3d.log</h3>", warn,
     ] + [_tomogram_html(d, run) for d in run.tomograms]
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

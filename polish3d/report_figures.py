@@ -18,12 +18,18 @@ if TYPE_CHECKING:
     from polish3d.report import TomoData
 
 __all__ = ["fig_deformation", "fig_displacements", "fig_fsc", "fig_geometry", "fig_per_tilt",
-           "fig_trajectories", "fig_validation"]
+           "fig_trajectories", "fig_validation", "verdict_key"]
 
 #: one colour per quantity, the same in every plot
 COLOURS = {
     "x": "#1f77b4", "y": "#ff7f0e", "z": "#2ca02c", "input": "#7f7f7f", "refined": "#1f77b4",
-    "kept": "#2ca02c", "rolled back": "#d62728", "no signal": "#7f7f7f", "bar": "#4c72b0",
+    "improved": "#2ca02c", "kept": "#1f77b4", "rolled_back": "#d62728", "no_signal": "#e69f00",
+    "bar": "#4c72b0",
+}
+#: held-out verdicts of a tilt, in legend order, and what each means for its geometry
+TILT_VERDICTS = {
+    "improved": "improved", "kept": "kept", "rolled_back": "rolled back (input geometry restored)",
+    "no_signal": "no signal (input geometry kept)",
 }
 STYLE = {"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
          "axes.spines.right": False}
@@ -116,29 +122,65 @@ def fig_displacements(d: TomoData) -> str:
         v = v[np.isfinite(v)]
         a.hist(v, bins=min(40, max(5, v.size // 3)), color=COLOURS["bar"], edgecolor="white")
         rms = float(np.sqrt(np.mean(v**2))) if v.size else 0.0
-        a.axvline(rms, color=COLOURS["rolled back"], lw=1.2, label=f"RMS {rms:.2f} px")
+        a.axvline(rms, color=COLOURS["rolled_back"], lw=1.2, label=f"RMS {rms:.2f} px")
         a.set(title=f"{what} (n = {v.size})", xlabel="displacement (px)", ylabel="count")
         a.legend(fontsize=8, frameon=False)
     return _png(fig)
 
 
+def verdict_key(verdict) -> str:
+    """A verdict as a key: ``"rolled back"`` and ``"rolled_back"`` are the same."""
+    return str(verdict).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _validation_columns(d: TomoData):
+    """``(x, x label, verdict keys, figures by name)`` of the held-out validation tilts; ``x``
+    is the tilt angle when every row names a tilt of the table, else the row."""
+    rows = [r for r in d.metrics["validation"]["tilts"] if isinstance(r, dict)]
+    index = _floats([r.get("row") for r in rows])
+    n = len(d.tilt_deg) if d.tilt_deg is not None else 0
+    valid = np.isfinite(index) & (index >= 0) & (index < n)
+    if rows and valid.all():
+        x, label = np.asarray(d.tilt_deg, float)[index.astype(int)], "tilt angle (°)"
+    else:
+        x, label = index, "tilt row"
+    figures = {k: _floats([r.get(k) for r in rows]) for k in ("cc_input", "cc_refined", "z", "signal_z")}
+    return x, label, [verdict_key(r.get("verdict")) for r in rows], figures
+
+
 @_figure
 def fig_validation(d: TomoData) -> str:
-    """Held-out CC per tilt at the input and the refined geometry, coloured by verdict."""
+    """Held-out CC per tilt at the input and the refined geometry, coloured by verdict, tilts
+    rolled back or without signal shaded; next to it the significance (z) per tilt."""
     plt = _plt()
-    rows = d.metrics["validation"]["tilts"]
-    fig, ax = plt.subplots(figsize=(11, 3.6))
-    tilt = np.array([d.tilt_deg[int(r["row"])] for r in rows])
-    cc_in, cc_out = _floats([r.get("cc_input") for r in rows]), _floats([r.get("cc_refined") for r in rows])
-    ax.vlines(tilt, cc_in, cc_out, color="#bbbbbb", lw=1)
-    ax.scatter(tilt, cc_in, s=18, color=COLOURS["input"], label="input geometry", zorder=3)
-    for verdict in dict.fromkeys(str(r.get("verdict")) for r in rows):
-        sel = np.array([str(r.get("verdict")) == verdict for r in rows])
-        ax.scatter(tilt[sel], cc_out[sel], s=26, marker="D", zorder=4,
-                   color=COLOURS.get(verdict, "#9467bd"), label=f"refined: {verdict}")
-    ax.set(title="Held-out CC per tilt (particles not used to fit)", xlabel="tilt angle (°)",
-           ylabel="held-out CC")
-    ax.legend(fontsize=8, frameon=False, ncol=4)
+    x, xlabel, verdicts, fig_data = _validation_columns(d)
+    has_z = np.isfinite(fig_data["z"]).any() or np.isfinite(fig_data["signal_z"]).any()
+    fig, axes = plt.subplots(1, 2 if has_z else 1, figsize=(11, 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6, 1]} if has_z else None)
+    ax = axes[0, 0]
+    distinct = np.unique(x[np.isfinite(x)])
+    step = float(np.min(np.diff(distinct))) if len(distinct) > 1 else 1.0
+    for key in ("rolled_back", "no_signal"):  # shade the tilts whose input geometry stays
+        for k, xv in enumerate(x[[v == key for v in verdicts]]):
+            ax.axvspan(xv - step / 2, xv + step / 2, color=COLOURS[key], alpha=0.15, lw=0,
+                       label=f"{TILT_VERDICTS[key]}" if k == 0 else None)
+    ax.vlines(x, fig_data["cc_input"], fig_data["cc_refined"], color="#bbbbbb", lw=1)
+    ax.scatter(x, fig_data["cc_input"], s=18, color=COLOURS["input"], label="input geometry", zorder=3)
+    known = [k for k in TILT_VERDICTS if k in verdicts] + sorted(set(verdicts) - set(TILT_VERDICTS))
+    for key in known:
+        sel = np.array([v == key for v in verdicts])
+        ax.scatter(x[sel], fig_data["cc_refined"][sel], s=30, marker="D", zorder=4,
+                   color=COLOURS.get(key, "#9467bd"), label=f"refined: {key.replace('_', ' ')}")
+    ax.set(title="Held-out CC per tilt (particles not used to fit)", xlabel=xlabel, ylabel="held-out CC")
+    ax.legend(fontsize=8, frameon=True, framealpha=0.85, loc="best")
+    if has_z:
+        az = axes[0, 1]
+        az.bar(x, np.nan_to_num(fig_data["z"]), width=0.8 * step, zorder=2,
+               label="improvement z (colour: verdict)", color=[COLOURS.get(v, "#9467bd") for v in verdicts])
+        az.scatter(x, fig_data["signal_z"], marker="x", s=22, color="k", zorder=3, label="signal z")
+        az.axhline(0, color="k", lw=0.6)
+        az.set(title="Significance per tilt (held-out)", xlabel=xlabel, ylabel="z (standard errors)")
+        az.legend(fontsize=8, frameon=False)
     return _png(fig)
 
 

@@ -34,6 +34,8 @@ class _Page(HTMLParser):
         super().__init__()
         self.plots: list[tuple[str, str]] = []
         self.missing: list[str] = []
+        self.failed: list[str] = []
+        self.verdicts: list[str] = []
         self.rows: list[list[str]] = []
         self._in_summary = False
         self._cell: list[str] | None = None
@@ -44,6 +46,10 @@ class _Page(HTMLParser):
             self.plots.append((a["data-plot"], a["src"]))
         if tag == "p" and "data-missing" in a:
             self.missing.append(a["data-missing"])
+        if tag == "p" and "data-failed" in a:
+            self.failed.append(a["data-failed"])
+        if tag == "p" and "data-verdict" in a:
+            self.verdicts.append(a["data-verdict"])
         if tag == "table" and a.get("id") == "summary":
             self._in_summary = True
         if self._in_summary and tag == "tr":
@@ -101,10 +107,15 @@ def _align_output(folder: Path, metrics: dict, command: str | None) -> Path:
     return folder
 
 
-VALIDATION = {
-    "tilts": [{"row": j, "cc_input": 1.0 + 0.1 * j, "cc_refined": 1.2 + 0.1 * j,
-               "verdict": "kept" if j != 3 else "rolled back"} for j in range(7)],
-    "verdict": "kept",
+_TILT_VERDICT = {3: "rolled_back", 5: "no_signal"}
+VALIDATION = {  # the format the held-out validation writes into metrics["tomograms"][name]
+    "verdict": "improved",
+    "tilts": [{"row": j, "cc_input": 1.0 + 0.1 * j, "cc_refined": 1.2 + 0.1 * j - 0.4 * (j == 3),
+               "z": -2.5 if j == 3 else 3.0 + j, "signal_z": 0.4 if j == 5 else 9.0,
+               "verdict": _TILT_VERDICT.get(j, "improved" if j % 2 else "kept")} for j in range(7)],
+    "rolled_back_tilts": [3], "no_signal_tilts": [5], "weak_particles": [1, 4],
+    "messages": ["tilt row 5 has no usable signal: exclude it (e.g. relion_tomo_exclude_tilt_images)",
+                 "2 particle(s) never rise above noise: consider removing them"],
 }
 FSC = {"shell": list(range(17)), "frequency_per_ang": (np.arange(17) / (32 * PX)).tolist(),
        "before": np.exp(-np.arange(17) / 5).tolist(), "after": np.exp(-np.arange(17) / 7).tolist(),
@@ -163,7 +174,61 @@ def test_every_plot_present_and_not_blank(runs):
     assert "<script" not in text and "http://" not in text and "https://" not in text
     assert "30.1 Å" in text and "24.6 Å" in text  # resolutions at 0.143
     assert "something to see" in text and "tilt 3: no signal" in text
-    assert "1 tilt(s) rolled back on held-out data: rows [3]" in text
+    assert "1 tilt(s) rolled back on held-out data (input geometry kept): rows [3]" in text
+    assert "1 tilt(s) without signal on held-out data (input geometry kept): rows [5]" in text
+
+
+def _colour_pixels(pixels: np.ndarray, hex_colour: str, tol: float = 0.06) -> int:
+    """How many pixels of an RGB(A) image are within ``tol`` of ``hex_colour``."""
+    rgb = np.array([int(hex_colour[k:k + 2], 16) / 255 for k in (1, 3, 5)])
+    return int(np.sum(np.all(np.abs(pixels[..., :3] - rgb) < tol, axis=-1)))
+
+
+def test_validation_plot_marks_rolled_back_and_no_signal_tilts(runs, monkeypatch):
+    from polish3d import report_figures as rf
+
+    page = _parse(runs["full"] / "report.html")
+    src = dict(page.plots)["validation"]
+    pixels = _png_pixels(src)
+    for verdict in ("rolled_back", "no_signal", "improved", "kept"):
+        assert _colour_pixels(pixels, rf.COLOURS[verdict]) > 20, verdict  # markers in their colours
+    assert page.failed == []
+    drawn = []  # the figure itself: two panels, the legend names every verdict and the shading
+    monkeypatch.setattr(rf, "_png", lambda fig: drawn.append(fig) or "")
+    rf.fig_validation(report.gather(runs["full"]).tomograms[0])
+    cc_axes, z_axes = drawn[0].axes
+    labels = [t.get_text() for t in cc_axes.get_legend().get_texts()]
+    assert "rolled back (input geometry restored)" in labels and "no signal (input geometry kept)" in labels
+    assert {"refined: improved", "refined: kept", "refined: rolled back", "refined: no signal",
+            "input geometry"} <= set(labels)
+    assert z_axes.get_ylabel().startswith("z") and len(z_axes.patches) == 7  # one bar per tilt
+
+
+def test_suggested_actions_and_weak_particles_are_prominent(runs):
+    text = (runs["full"] / "report.html").read_text()
+    page = _parse(runs["full"] / "report.html")
+    top = text[: text.index('<h2 id="tomo-')]  # before the first tomogram's section
+    assert 'id="actions"' in top and "Suggested actions" in top
+    for msg in VALIDATION["messages"]:
+        assert f"<b>TS_01</b>: {msg.replace(chr(39), '&#x27;')}" in top
+    assert page.verdicts == ["improved"]
+    assert 'data-weak="2"' in text and "2 weak particle(s)" in text and ": 1, 4</p>" in text
+
+
+def test_odd_validation_records_still_render(runs):
+    run = report.gather(runs["full"])
+    run.tomograms[0].metrics["validation"] = {"verdict": "off", "tilts": []}
+    run.tomograms[1].metrics["validation"] = {
+        "verdict": "reference_mismatch", "messages": "check the reference", "weak_particles": 5,
+        "tilts": [{"row": 99, "verdict": "rolled back"}, {"row": None}, {"cc_input": 1.0}, "junk"],
+    }
+    page = _Page()
+    page.feed(report.build_report(run))
+    assert page.failed == [] and page.verdicts == ["off", "reference_mismatch"]
+    assert [k for k, _ in page.plots].count("validation") == 1  # TS_02: drawn against the row
+    assert "validation" in page.missing  # TS_01: turned off
+    head, *rows = page.rows
+    assert rows[0][7] == "off" and rows[1][7] == "reference mismatch; tilts: 1 rolled back"
 
 
 def _columns(star: Path, labels) -> np.ndarray:
@@ -206,8 +271,8 @@ def test_summary_table_one_row_per_tomogram(runs):
         diff = sel[0][list(labels)] - sel[1].loc[sel[0].index, list(labels)]
         rms = np.sqrt(np.mean(np.sum((diff.to_numpy(float) / PX) ** 2, 1)))
         assert r[6] == f"{rms:.2f}" and rms > 0.5
-    assert rows[0][7] == "kept" and rows[1][7] == "not computed"
-    assert rows[0][8].startswith("2: tilt 3: no signal") and rows[1][8] == "none"
+    assert rows[0][7] == "improved; tilts: 1 rolled back, 1 no signal" and rows[1][7] == "not computed"
+    assert rows[0][8].startswith("4: tilt 3: no signal") and rows[1][8] == "none"
 
 
 def test_absent_data_says_not_computed(runs):
