@@ -263,7 +263,11 @@ class Progress:
             fill = int(round(frac * (bar_width - 2)))
             head += " |" + "#" * fill + "-" * (bar_width - 2 - fill) + "|"
         text = f"{head} {pct} {timing} {self.stage}".rstrip()
-        return text[: max(room, 0)]
+        if len(text) <= room:
+            return text
+        cut = text[: max(room, 0)]
+        space = cut.rfind(" ")
+        return cut[:space] if space > room - 12 else cut  # end at a word when one is near
 
     def close(self) -> None:
         """End the bar's line (a newline after the last drawing) and detach from logging."""
