@@ -72,6 +72,32 @@ def simulate_bead_tracks(
     rng = np.random.default_rng(seed)
     nominal = np.linspace(-tilt_range_deg, tilt_range_deg, n_tilts)
     ref = int(np.argmin(np.abs(nominal)))
+    truth = _per_tilt_truth(rng, nominal, ref, tilt_axis_deg, rotation_error_deg, tilt_error_deg,
+                            mag_error, shift_error_px)
+    truth["stretch"], truth["skew_deg"] = _distortions(rng, nominal, stretch_error,
+                                                       skew_error_deg, stretch_group, skew_group)
+    if stretch_error:  # the thickness gauge of align_fiducials: Σ tan θ⁰ (θ − θ⁰) = 0 as well
+        c = np.vstack([np.ones(n_tilts), np.tan(np.deg2rad(nominal))])
+        d = truth["tilt_deg"] - nominal
+        truth["tilt_deg"] = nominal + d - c.T @ np.linalg.lstsq(c @ c.T, c @ d, rcond=None)[0]
+    beads = _bead_constellation(rng, n_beads, tomo_size_px, bead_depth_px)
+    proj = projection_matrices(truth["rotation_deg"], truth["tilt_deg"], truth["magnification"],
+                               truth["shifts_px"], image_size_px, tomo_size_px,
+                               stretch=truth["stretch"], skew_deg=truth["skew_deg"])
+    tracks = _observe(rng, proj, beads, image_size_px, noise_px, missing_fraction,
+                      outlier_fraction, outlier_px)
+    return tracks, {
+        "projections": proj, "bead_positions_px": beads, **truth, "nominal_tilt_deg": nominal,
+        "tilt_axis_deg": tilt_axis_deg, "ref_tilt": ref, "image_size_px": tuple(image_size_px),
+        "tomo_size_px": tuple(tomo_size_px),
+    }
+
+
+def _per_tilt_truth(rng, nominal, ref, tilt_axis_deg, rotation_error_deg, tilt_error_deg,
+                    mag_error, shift_error_px) -> dict[str, np.ndarray]:
+    """True ``rotation_deg``, ``tilt_deg`` (errors of zero mean), ``magnification`` (1 at
+    ``ref``) and ``shifts_px`` (zero mean) per tilt."""
+    n_tilts = len(nominal)
     rot = tilt_axis_deg + rng.normal(0.0, rotation_error_deg, n_tilts)
     tilt = nominal + rng.normal(0.0, tilt_error_deg, n_tilts)
     tilt -= np.mean(tilt - nominal)
@@ -79,25 +105,7 @@ def simulate_bead_tracks(
     mag[ref] = 1.0
     shifts = rng.normal(0.0, shift_error_px, (n_tilts, 2))
     shifts -= shifts.mean(0)
-    stretch, skew = _distortions(rng, nominal, stretch_error, skew_error_deg, stretch_group,
-                                 skew_group)
-    if stretch_error:  # the thickness gauge of align_fiducials: Σ tan θ⁰ (θ − θ⁰) = 0 as well
-        c = np.vstack([np.ones(n_tilts), np.tan(np.deg2rad(nominal))])
-        d = tilt - nominal
-        tilt = nominal + d - c.T @ np.linalg.lstsq(c @ c.T, c @ d, rcond=None)[0]
-    beads = _bead_constellation(rng, n_beads, tomo_size_px, bead_depth_px)
-    proj = projection_matrices(rot, tilt, mag, shifts, image_size_px, tomo_size_px,
-                               stretch=stretch, skew_deg=skew)
-    tracks = _observe(rng, proj, beads, image_size_px, noise_px, missing_fraction,
-                      outlier_fraction, outlier_px)
-    truth = {
-        "projections": proj, "bead_positions_px": beads, "tilt_deg": tilt, "rotation_deg": rot,
-        "magnification": mag, "stretch": stretch, "skew_deg": skew, "shifts_px": shifts,
-        "nominal_tilt_deg": nominal,
-        "tilt_axis_deg": tilt_axis_deg, "ref_tilt": ref, "image_size_px": tuple(image_size_px),
-        "tomo_size_px": tuple(tomo_size_px),
-    }
-    return tracks, truth
+    return {"tilt_deg": tilt, "rotation_deg": rot, "magnification": mag, "shifts_px": shifts}
 
 
 def _distortions(rng, nominal, stretch_error, skew_error_deg, stretch_group, skew_group):

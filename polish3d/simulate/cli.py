@@ -6,12 +6,12 @@ those of the configuration field it sets, so every default lives once, in the co
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
+from polish3d.clitable import add_table_command
 from polish3d.simulate.config import SimulationConfig
 
 __all__ = ["FLAGS", "config_from_flags", "register_cli"]
@@ -53,14 +53,20 @@ _CONVERTED: dict[str, tuple[type, Any, Callable[[Any], Any]]] = {
 }
 
 
-def _flag_type_and_default(flag: str) -> tuple[type, Any]:
-    field_name = FLAGS[flag][0]
-    if flag in _CONVERTED:
-        return _CONVERTED[flag][:2]
-    if not field_name:
-        return str, ""
-    default = getattr(SimulationConfig(), field_name)
-    return type(default), default
+def _option_rows() -> dict[str, tuple[type, Any, str]]:
+    """:data:`FLAGS` as ``{flag: (type, default, help)}``."""
+    defaults = SimulationConfig()
+    rows = {}
+    for flag, (field_name, help_text) in FLAGS.items():
+        if flag in _CONVERTED:
+            kind, default = _CONVERTED[flag][:2]
+        elif field_name:
+            default = getattr(defaults, field_name)
+            kind = type(default)
+        else:
+            kind, default = str, ""
+        rows[flag] = (kind, default, help_text)
+    return rows
 
 
 def config_from_flags(values: dict[str, Any]) -> SimulationConfig:
@@ -76,19 +82,8 @@ def config_from_flags(values: dict[str, Any]) -> SimulationConfig:
 
 def register_cli(app, run) -> None:
     """Add ``polish3d simulate`` to the typer ``app``; ``run(fn)`` maps errors to exit codes."""
-
-    def simulate_cmd(**values) -> None:
-        """Simulate a synthetic optimisation set with ground truth (truth/ subfolder)."""
-        run(lambda: _simulate_from_flags(values))
-
-    # typer reads the options from the signature: one keyword parameter per row of FLAGS
-    simulate_cmd.__signature__ = inspect.Signature([
-        inspect.Parameter(flag, inspect.Parameter.KEYWORD_ONLY, default=default,
-                          annotation=Annotated[kind, typer.Option(f"--{flag}", help=help_text)])
-        for flag, (_, help_text) in FLAGS.items()
-        for kind, default in [_flag_type_and_default(flag)]
-    ])
-    app.command("simulate")(simulate_cmd)
+    add_table_command(app, "simulate", _option_rows(), _simulate_from_flags, run,
+                      "Simulate a synthetic optimisation set with ground truth (truth/ subfolder).")
 
 
 def _simulate_from_flags(values: dict[str, Any]) -> None:
