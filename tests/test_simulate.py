@@ -202,9 +202,9 @@ def test_cli(tmp_path):
 
 def test_cli_flags_map_onto_the_config():
     """Every flag's default is the config's; the converted flags set their fields."""
-    from polish3d.simulate.cli import FLAGS, _option_rows, config_from_flags
+    from polish3d.simulate.cli import FLAGS, config_from_flags, option_rows
 
-    defaults = {flag: default for flag, (_, default, _) in _option_rows().items()}
+    defaults = {flag: default for flag, (_, default, _) in option_rows().items()}
     assert config_from_flags(defaults) == SimulationConfig()
     cfg = config_from_flags({**defaults, "sequential": True, "image_size": 200, "snr": 0.1})
     assert (cfg.dose_symmetric, cfg.image_size_px, cfg.snr) == (False, (200, 200), 0.1)

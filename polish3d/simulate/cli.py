@@ -14,7 +14,7 @@ import typer
 from polish3d.clitable import add_table_command
 from polish3d.simulate.config import SimulationConfig
 
-__all__ = ["FLAGS", "config_from_flags", "register_cli"]
+__all__ = ["FLAGS", "config_from_flags", "option_rows", "register_cli"]
 
 # flag (without "--") → (SimulationConfig field it sets, or "" for none; help)
 FLAGS: dict[str, tuple[str, str]] = {
@@ -53,7 +53,7 @@ _CONVERTED: dict[str, tuple[type, Any, Callable[[Any], Any]]] = {
 }
 
 
-def _option_rows() -> dict[str, tuple[type, Any, str]]:
+def option_rows() -> dict[str, tuple[type, Any, str]]:
     """:data:`FLAGS` as ``{flag: (type, default, help)}``."""
     defaults = SimulationConfig()
     rows = {}
@@ -82,7 +82,7 @@ def config_from_flags(values: dict[str, Any]) -> SimulationConfig:
 
 def register_cli(app, run) -> None:
     """Add ``polish3d simulate`` to the typer ``app``; ``run(fn)`` maps errors to exit codes."""
-    add_table_command(app, "simulate", _option_rows(), _simulate_from_flags, run,
+    add_table_command(app, "simulate", option_rows(), _simulate_from_flags, run,
                       "Simulate a synthetic optimisation set with ground truth (truth/ subfolder).")
 
 
