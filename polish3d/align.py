@@ -622,7 +622,7 @@ def align(
             }
             if fsc_check:
                 metrics["fsc"] = _fsc_before_after(inputs.i, opt_path, config.box)
-            from polish3d.score import _json_safe
+            from polish3d.io.jsonsafe import json_safe as _json_safe
 
             # strict JSON: an undefined figure (NaN) is written as null
             _atomic_write_text(out_dir / "metrics.json",

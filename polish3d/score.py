@@ -241,115 +241,113 @@ def score(refined_set, truth_set) -> dict:
         "n_matched": int, "n_missing": int}}, "angle_error_deg": stats,
         "position_error_px": stats}``; stats = ``{rms, median, p95, max, n}`` in pixels (angles in
         degrees). Identical sets score exactly 0.
+
+    Raises:
+        InputError: no particle is in both sets.
+        ValueError: a tomogram has different numbers of tilts in the two sets.
     """
     ref = _load(refined_set)
-    tru = _load(truth_set)
-    all_d, all_ang, all_pos = [], [], []
-    per_tomo = {}
-    for name, (ts_t, p_t) in tru.items():
-        if name not in ref:
+    per_tomo, errors = {}, {"reprojection": [], "angle": [], "position": []}
+    for name, (ts_t, p_t) in _load(truth_set).items():
+        matched = _matched_particles(name, ts_t, p_t, ref)
+        if matched is None:  # no particle of this tomogram in both sets: nothing to measure
             per_tomo[name] = {"n_matched": 0, "n_missing": p_t.n_particles}
             continue
-        ts_r, p_r = ref[name]
-        if ts_r.n_tilts != ts_t.n_tilts:
-            raise ValueError(
-                f"{name}: {ts_r.n_tilts} tilts in the refined set, {ts_t.n_tilts} in the truth"
-            )
-        index_r = {n: i for i, n in enumerate(p_r.names)}
-        it = [i for i, n in enumerate(p_t.names) if n in index_r]
-        if not it:  # no particle of this tomogram in both sets: nothing to measure
-            per_tomo[name] = {"n_matched": 0, "n_missing": p_t.n_particles}
-            continue
-        ir = [index_r[p_t.names[i]] for i in it]
-        sub_t = p_t.replace(
-            names=[p_t.names[i] for i in it],
-            positions_px=p_t.positions_px[it],
-            rotations=p_t.rotations[it],
-            half_set=p_t.half_set[it],
-            trajectories_px=None if p_t.trajectories_px is None else p_t.trajectories_px[it],
-        )
-        sub_r = p_r.replace(
-            names=[p_r.names[i] for i in ir],
-            positions_px=p_r.positions_px[ir],
-            rotations=p_r.rotations[ir],
-            half_set=p_r.half_set[ir],
-            trajectories_px=None if p_r.trajectories_px is None else p_r.trajectories_px[ir],
-        )
-        u_t = project_particles(ts_t, sub_t)
-        u_r = project_particles(ts_r, sub_r)
-        d = np.linalg.norm(u_r - u_t, axis=-1)  # (N, F)
-        all_d.append(d.ravel())
-
-        # gauge: align refined frame to the true one, then compare rotations
-        if len(it) >= 3:
-            rot, tr = rigid_align(sub_r.positions_px, sub_t.positions_px)
-        else:
-            rot, tr = np.eye(3), np.zeros(3)
-        tmat = np.eye(4)
-        tmat[:3, :3] = rot
-        tmat[:3, 3] = tr
-        p_aligned = ts_r.projections @ np.linalg.inv(tmat)
-        dr = p_aligned[:, :3, :3] @ np.transpose(ts_t.projections[:, :3, :3], (0, 2, 1))
-        ang = _rotation_angle_deg(dr)
-        all_ang.append(ang)
-        kw = dict(
-            pixel_size_ang=ts_t.pixel_size_ang,
-            image_size_px=ts_t.image_size_px,
-            tomo_size_px=ts_t.tomo_size_px,
-        )
-        e_r = geo.projection_to_euler(p_aligned, **kw)
-        e_t = geo.projection_to_euler(ts_t.projections, **kw)
-        eul = {}
-        for lab, key in (
-            ("rlnTomoXTilt", "XTilt"),
-            ("rlnTomoYTilt", "YTilt"),
-            ("rlnTomoZRot", "ZRot"),
-        ):
-            diff = (e_r[lab] - e_t[lab] + 180.0) % 360.0 - 180.0
-            eul[key] = float(np.sqrt(np.mean(diff**2)))
-        pos_err = np.linalg.norm(sub_r.positions_px @ rot.T + tr - sub_t.positions_px, axis=-1)
-        all_pos.append(pos_err)
-        per_tomo[name] = {
-            "reprojection": _stats(d),
-            "per_tilt_rms": np.sqrt(np.mean(d * d, axis=0)).tolist(),
-            "per_tilt_median": np.median(d, axis=0).tolist(),
-            "angle_error_deg": _stats(ang),
-            "per_tilt_angle_error_deg": ang.tolist(),
-            "euler_error_deg": eul,
-            "position_error_px": _stats(pos_err),
-            "n_matched": len(it),
-            "n_missing": p_t.n_particles - len(it),
-        }
-    if not all_d:
+        ts_r, sub_r, sub_t = matched
+        per_tomo[name], tomo_errors = _score_tomogram(ts_r, sub_r, ts_t, sub_t)
+        per_tomo[name]["n_missing"] = p_t.n_particles - sub_t.n_particles
+        for key, value in tomo_errors.items():
+            errors[key].append(value)
+    if not errors["reprojection"]:
         from polish3d.errors import InputError
 
         raise InputError(
             f"{refined_set} and {truth_set}: no particle is in both sets (matched by tomogram "
             "name and rlnTomoParticleName); nothing to score"
         )
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
     return {
-        "overall": _stats(cat(all_d)),
-        "angle_error_deg": _stats(cat(all_ang)),
-        "position_error_px": _stats(cat(all_pos)),
+        "overall": _stats(np.concatenate(errors["reprojection"])),
+        "angle_error_deg": _stats(np.concatenate(errors["angle"])),
+        "position_error_px": _stats(np.concatenate(errors["position"])),
         "tomograms": per_tomo,
     }
 
 
-def _json_safe(value):
-    """``value`` as plain JSON values: arrays and NumPy scalars converted, every non-finite
-    number replaced by ``None`` (JSON has no NaN; ``json.dumps(..., allow_nan=False)`` holds)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
+def _particle_subset(particles, index):
+    """The particles at positions ``index`` (a list), every per-particle field taken along."""
+    traj = particles.trajectories_px
+    return particles.replace(
+        names=[particles.names[i] for i in index],
+        positions_px=particles.positions_px[index],
+        rotations=particles.rotations[index],
+        half_set=particles.half_set[index],
+        trajectories_px=None if traj is None else traj[index],
+    )
+
+
+def _matched_particles(name, ts_t, p_t, refined):
+    """``(ts_ref, particles_ref, particles_true)`` of tomogram ``name``: the particles in both
+    sets (matched by name, in the truth's order), or ``None`` when there are none."""
+    if name not in refined:
         return None
-    return value
+    ts_r, p_r = refined[name]
+    if ts_r.n_tilts != ts_t.n_tilts:
+        raise ValueError(
+            f"{name}: {ts_r.n_tilts} tilts in the refined set, {ts_t.n_tilts} in the truth"
+        )
+    index_r = {n: i for i, n in enumerate(p_r.names)}
+    it = [i for i, n in enumerate(p_t.names) if n in index_r]
+    if not it:
+        return None
+    ir = [index_r[p_t.names[i]] for i in it]
+    return ts_r, _particle_subset(p_r, ir), _particle_subset(p_t, it)
+
+
+def _score_tomogram(ts_r, sub_r, ts_t, sub_t) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(summary, errors)`` of one tomogram's matched particles; the errors are reprojection
+    distances ``(N, F)`` (px, raveled), per-tilt rotation errors ``(F,)`` (degrees) and 3D
+    position errors ``(N,)`` (px), both after the rigid gauge alignment."""
+    d = np.linalg.norm(project_particles(ts_r, sub_r) - project_particles(ts_t, sub_t), axis=-1)
+    # gauge: align refined frame to the true one, then compare rotations
+    if sub_t.n_particles >= 3:
+        rot, tr = rigid_align(sub_r.positions_px, sub_t.positions_px)
+    else:
+        rot, tr = np.eye(3), np.zeros(3)
+    tmat = np.eye(4)
+    tmat[:3, :3] = rot
+    tmat[:3, 3] = tr
+    p_aligned = ts_r.projections @ np.linalg.inv(tmat)
+    dr = p_aligned[:, :3, :3] @ np.transpose(ts_t.projections[:, :3, :3], (0, 2, 1))
+    ang = _rotation_angle_deg(dr)
+    pos_err = np.linalg.norm(sub_r.positions_px @ rot.T + tr - sub_t.positions_px, axis=-1)
+    summary = {
+        "reprojection": _stats(d),
+        "per_tilt_rms": np.sqrt(np.mean(d * d, axis=0)).tolist(),
+        "per_tilt_median": np.median(d, axis=0).tolist(),
+        "angle_error_deg": _stats(ang),
+        "per_tilt_angle_error_deg": ang.tolist(),
+        "euler_error_deg": _euler_errors_deg(p_aligned, ts_t),
+        "position_error_px": _stats(pos_err),
+        "n_matched": sub_t.n_particles,
+    }
+    return summary, {"reprojection": d.ravel(), "angle": ang, "position": pos_err}
+
+
+def _euler_errors_deg(p_aligned, ts_t) -> dict[str, float]:
+    """RMS over tilts of the RELION Euler-angle differences ``{XTilt, YTilt, ZRot}`` (degrees,
+    wrapped to ±180) between the gauge-aligned refined projections and the true ones."""
+    kw = dict(
+        pixel_size_ang=ts_t.pixel_size_ang,
+        image_size_px=ts_t.image_size_px,
+        tomo_size_px=ts_t.tomo_size_px,
+    )
+    e_r = geo.projection_to_euler(p_aligned, **kw)
+    e_t = geo.projection_to_euler(ts_t.projections, **kw)
+    out = {}
+    for key in ("XTilt", "YTilt", "ZRot"):
+        diff = (e_r[f"rlnTomo{key}"] - e_t[f"rlnTomo{key}"] + 180.0) % 360.0 - 180.0
+        out[key] = float(np.sqrt(np.mean(diff**2)))
+    return out
 
 
 def format_table(result: dict) -> str:
@@ -401,11 +399,12 @@ def register_cli(app, run) -> None:
                 raise InputError(str(exc)) from exc
             typer.echo(format_table(res))
             if json_out:
+                from polish3d.io.jsonsafe import json_safe
                 from polish3d.io.star import atomic_write_text
 
                 # strict JSON: an undefined statistic (NaN) is written as null
                 try:
-                    atomic_write_text(Path(json_out), json.dumps(_json_safe(res), indent=1, allow_nan=False))
+                    atomic_write_text(Path(json_out), json.dumps(json_safe(res), indent=1, allow_nan=False))
                 except OSError as exc:
                     raise InputError(f"--json {json_out}: cannot write it ({exc.strerror or exc})") from None
 

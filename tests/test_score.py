@@ -127,3 +127,14 @@ def test_linear_and_fourier_deformation():
     z = evaluate_deformation(four, (200, 100), np.zeros((1, 2)), 0)
     # at the origin only the cosine (real) parts remain: Σ re per dim
     np.testing.assert_allclose(z, [[0.0 + 0.2 + 0.4, 0.6 + 0.8 + 1.0]])
+
+
+def test_json_safe_gives_strict_json():
+    import json
+
+    from polish3d.io.jsonsafe import json_safe
+
+    value = {1: np.array([1.0, np.nan]), "b": (np.float32(2.5), float("inf")), "c": np.int64(3)}
+    out = json_safe(value)
+    assert out == {"1": [1.0, None], "b": [2.5, None], "c": 3}
+    json.dumps(out, allow_nan=False)

@@ -198,3 +198,15 @@ def test_cli(tmp_path):
     assert "rms" in r.output and js.exists()
     r = CliRunner().invoke(app, ["simulate"])
     assert r.exit_code == 2
+
+
+def test_cli_flags_map_onto_the_config():
+    """Every flag's default is the config's; the converted flags set their fields."""
+    from polish3d.simulate.cli import FLAGS, config_from_flags, option_rows
+
+    defaults = {flag: default for flag, (_, default, _) in option_rows().items()}
+    assert config_from_flags(defaults) == SimulationConfig()
+    cfg = config_from_flags({**defaults, "sequential": True, "image_size": 200, "snr": 0.1})
+    assert (cfg.dose_symmetric, cfg.image_size_px, cfg.snr) == (False, (200, 200), 0.1)
+    fields = {f for f, _ in FLAGS.values() if f}
+    assert fields <= set(SimulationConfig.__dataclass_fields__)

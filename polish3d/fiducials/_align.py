@@ -15,9 +15,9 @@ from polish3d.fiducials._bundle import (
     param_map,
     robust_weights,
 )
+from polish3d.fiducials._tracks import normalise_tracks
 
-__all__ = ["FiducialOptions", "FiducialResult", "align_fiducials", "normalise_tracks",
-           "projection_matrices"]
+__all__ = ["FiducialOptions", "FiducialResult", "align_fiducials", "projection_matrices"]
 
 
 @dataclass(frozen=True)
@@ -180,120 +180,6 @@ class FiducialResult:
         return project_points(self.projections, points_px)
 
 
-# accepted track column names per role, by priority, after _column_key (lower case, an ``rln``
-# prefix and the characters ``_ - . space`` removed)
-TRACK_COLUMNS = {
-    "bead": ("bead", "beadid", "beadindex", "contour", "contourid", "contourindex", "fiducial",
-             "fiducialid", "fid", "track", "trackid"),
-    "tilt": ("tilt", "tiltindex", "tiltidx", "tiltrow", "view", "viewindex", "section", "z"),
-    "x": ("x", "xpx", "xpixel", "xpixels", "xcoord", "xcoordinate", "coordinatex", "posx",
-          "positionx"),
-    "y": ("y", "ypx", "ypixel", "ypixels", "ycoord", "ycoordinate", "coordinatey", "posy",
-          "positiony"),
-}
-OBJECT_COLUMNS = ("object", "objectid", "obj")  # IMOD objects: contour ids restart per object
-
-
-def _column_key(name) -> str:
-    key = str(name).strip().lower()
-    for ch in "_-. ":
-        key = key.replace(ch, "")
-    return key[3:] if key.startswith("rln") and len(key) > 3 else key
-
-
-def _is_number(text) -> bool:
-    try:
-        float(str(text).split(".")[0] if str(text).count(".") > 1 else str(text))
-    except ValueError:
-        return False
-    return True
-
-
-def accepted_track_columns() -> str:
-    """One line per role listing the accepted column names (for error messages)."""
-    return "; ".join(f"{role}: {', '.join(names)}" for role, names in TRACK_COLUMNS.items())
-
-
-def normalise_tracks(tracks, source: str = "tracks") -> pd.DataFrame:
-    """Tracks as a DataFrame with int ``bead``, int ``tilt`` and float ``x``, ``y`` (px).
-
-    Accepts a DataFrame, a dict of arrays or an ``(N, 4)`` array ``(bead, tilt, x, y)``. Column
-    names are matched case-insensitively, without an ``rln`` prefix and ignoring ``_ - .``
-    and spaces, against :data:`TRACK_COLUMNS` (e.g. ``bead_id``/``contour``, ``tilt_row``/
-    ``view``/``z``, ``x_px``/``y_px``); with a ``contour`` column, an ``object`` column (IMOD)
-    makes each (object, contour) pair one bead.
-
-    Args:
-        tracks: the table.
-        source: what to name in error messages (the file name).
-
-    Raises:
-        InputError: naming the source, column and data row (1-based, header not counted) of
-            a missing column, a value that is not a number, an empty cell or a tilt index or
-            bead id that is not an integer.
-    """
-    if isinstance(tracks, pd.DataFrame):
-        df = tracks
-    elif isinstance(tracks, dict):
-        df = pd.DataFrame(tracks)
-    else:
-        a = np.asarray(tracks)
-        if a.ndim != 2 or a.shape[1] != 4:
-            raise InputError(f"{source}: expected columns bead, tilt, x, y")
-        df = pd.DataFrame(a, columns=["bead", "tilt", "x", "y"])
-    keys: dict[str, list] = {}
-    for c in df.columns:
-        keys.setdefault(_column_key(c), []).append(c)
-    chosen = {}
-    for role, names in TRACK_COLUMNS.items():
-        for nm in names:
-            if nm in keys:
-                chosen[role] = keys[nm][0]
-                break
-    missing = [r for r in TRACK_COLUMNS if r not in chosen]
-    if missing:
-        have = ", ".join(str(c) for c in df.columns) or "none"
-        hint = ""
-        if len(df.columns) and all(_is_number(c) for c in df.columns):
-            hint = (" The first line looks like data: add a header line naming the columns "
-                    "(e.g. bead,tilt,x,y).")
-        raise InputError(
-            f"{source}: no column for {', '.join(missing)} (columns found: {have}).{hint} "
-            f"Accepted names (case-insensitive, '_' ignored): {accepted_track_columns()}")
-
-    def numbers(role):
-        col = df[chosen[role]]
-        vals = pd.to_numeric(col, errors="coerce").to_numpy(float)
-        bad = ~np.isfinite(vals)
-        if bad.any():
-            r = int(np.flatnonzero(bad)[0])
-            raw = col.iloc[r]
-            what = "is empty" if pd.isna(raw) or str(raw).strip() == "" else \
-                f"{raw!r} is not a finite number"
-            raise InputError(f"{source}: column {chosen[role]!r} ({role}), data row {r + 1}: "
-                             f"{what} ({int(bad.sum())} such row(s))")
-        return vals
-
-    def integers(role, what):
-        vals = numbers(role)
-        frac = np.abs(vals - np.rint(vals)) > 1e-6
-        if frac.any():
-            r = int(np.flatnonzero(frac)[0])
-            raise InputError(f"{source}: column {chosen[role]!r}, data row {r + 1}: {what} "
-                             f"{vals[r]:g} must be an integer")
-        return np.rint(vals).astype(np.int64)
-
-    tilt = integers("tilt", "the tilt index (0-based view number, not an angle)")
-    bead = integers("bead", "the bead id")
-    if _column_key(chosen["bead"]).startswith("contour"):
-        obj = next((keys[k][0] for k in OBJECT_COLUMNS if k in keys), None)
-        if obj is not None:
-            chosen["object"] = obj
-            ob = integers("object", "the object number")
-            bead = pd.factorize(pd.Series(list(zip(ob, bead, strict=True))))[0].astype(np.int64)
-    return pd.DataFrame({"bead": bead, "tilt": tilt, "x": numbers("x"), "y": numbers("y")})
-
-
 def distortion_matrices(magnification, stretch=None, skew_deg=None) -> np.ndarray:
     """tiltalign's in-plane distortion, ``(F, 3, 3)``, divided by the magnification ``s``.
 
@@ -369,12 +255,89 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
     opt = options or FiducialOptions()
     df = normalise_tracks(tracks)
     theta_nom = np.asarray(tilt_angles_deg, float).ravel()
-    f_all = len(theta_nom)
     w_img, h_img = (int(v) for v in image_size_px)
     if tomo_size_px is None:
         tomo_size_px = (w_img, h_img, 2 * (max(w_img, h_img) // 8))
     tomo_size_px = tuple(int(v) for v in tomo_size_px)
-    axis = np.broadcast_to(np.asarray(tilt_axis_deg, float), (f_all,)).copy()
+    axis = np.broadcast_to(np.asarray(tilt_axis_deg, float), (len(theta_nom),)).copy()
+    notes: list[str] = []
+    obs = _Observations.select(df, len(theta_nom), opt.min_beads_per_tilt, notes)
+    ref_all = _reference_tilt(opt, obs, theta_nom)
+    th0 = np.deg2rad(theta_nom[obs.tilt_ids])
+    maps = _parameter_maps(opt, obs, th0, int(obs.tilt_of[ref_all]), notes)
+    ic = np.array([w_img // 2, h_img // 2], float)
+    prob, p, weights = _solve(opt, obs, th0, np.deg2rad(axis[obs.tilt_ids]), ic, maps)
+    geometry = _per_tilt_geometry(prob, p, obs, axis, theta_nom, ic)
+    proj = projection_matrices(geometry["rotation_deg"], geometry["tilt_deg"],
+                               geometry["magnification"], geometry["shifts_px"], (w_img, h_img),
+                               tomo_size_px, stretch=geometry["stretch"],
+                               skew_deg=geometry["skew_deg"])
+    residuals, sigma, n_free = _residuals(prob, p, weights, obs)
+    c_int = np.array([v // 2 for v in tomo_size_px], float)
+    return FiducialResult(
+        projections=proj, aligned=obs.aligned, bead_ids=obs.bead_ids,
+        bead_positions_px=prob.split(p)[2] + c_int, residuals=residuals,
+        nominal_tilt_deg=theta_nom, tilt_axis_deg=float(axis[0]), ref_tilt=ref_all,
+        image_size_px=(w_img, h_img), tomo_size_px=tomo_size_px,
+        pixel_size_ang=float(pixel_size_ang or 1.0), n_params=int(n_free), sigma_px=sigma,
+        options=opt, notes=notes, stretch_ref_tilt=maps["stretch_ref_tilt"],
+        n_variables={**dict(zip(BundleProblem.KINDS, map(int, prob.k), strict=True)),
+                     "shifts": 2 * len(obs.tilt_ids) - 2, "beads": 3 * len(obs.bead_ids) - 1},
+        **geometry,
+    )
+
+
+@dataclass
+class _Observations:
+    """The observations the fit uses, on compact tilt and bead indices.
+
+    Attributes:
+        aligned: ``(F_all,)`` bool, tilts with enough beads (file order).
+        tilt_ids: ``(f,)`` file index of each aligned tilt; ``tilt_of`` its inverse
+            (``(F_all,)``, −1 for tilts left out).
+        bead_ids: ``(B,)`` ids of the beads kept.
+        ti, bj: ``(M,)`` compact tilt and bead index of each observation; uv: ``(M, 2)`` (px).
+    """
+
+    aligned: np.ndarray
+    tilt_ids: np.ndarray
+    tilt_of: np.ndarray
+    bead_ids: np.ndarray
+    ti: np.ndarray
+    bj: np.ndarray
+    uv: np.ndarray
+
+    @classmethod
+    def select(cls, df: pd.DataFrame, f_all: int, min_beads: int, notes: list[str]):
+        """Check the tracks, align the tilts with ≥ ``min_beads`` beads and keep the beads seen
+        on ≥ 2 of them (notes say what was left out)."""
+        _check_track_indices(df, f_all)
+        counts = np.bincount(df["tilt"], minlength=f_all)
+        aligned = counts >= min_beads
+        df = df[aligned[df["tilt"].to_numpy()]]
+        per_bead = df.groupby("bead")["tilt"].transform("size")
+        dropped = sorted(set(df["bead"][per_bead < 2]))
+        df = df[per_bead >= 2].reset_index(drop=True)
+        counts = np.bincount(df["tilt"], minlength=f_all)
+        aligned = counts >= min_beads
+        df = df[aligned[df["tilt"].to_numpy()]].reset_index(drop=True)
+        if dropped:
+            notes.append(f"beads seen on fewer than 2 aligned tilts dropped: {dropped}")
+        if (~aligned).any():
+            notes.append(f"tilts with fewer than {min_beads} beads not aligned: "
+                         f"{np.flatnonzero(~aligned).tolist()}")
+        if aligned.sum() < 2 or df.empty:
+            raise InputError("tracks: fewer than 2 tilts with enough beads")
+        tilt_ids = np.flatnonzero(aligned)
+        tilt_of = -np.ones(f_all, int)
+        tilt_of[tilt_ids] = np.arange(len(tilt_ids))
+        bead_ids, bj = np.unique(df["bead"].to_numpy(), return_inverse=True)
+        return cls(aligned, tilt_ids, tilt_of, bead_ids, tilt_of[df["tilt"].to_numpy()], bj,
+                   df[["x", "y"]].to_numpy(float))
+
+
+def _check_track_indices(df: pd.DataFrame, f_all: int) -> None:
+    """InputError for a tilt index outside the tilt list or a bead seen twice on one tilt."""
     bad = (df["tilt"] < 0) | (df["tilt"] >= f_all)
     if bad.any():
         first_bad = int(df["tilt"][bad].iloc[0])
@@ -384,47 +347,33 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
         r = df[dup].iloc[0]
         raise InputError(f"tracks: bead {int(r['bead'])} has more than one position on tilt "
                          f"{int(r['tilt'])} ({int(dup.sum())} duplicated (bead, tilt) pair(s))")
-    notes: list[str] = []
 
-    # tilts with enough beads are aligned; then beads seen on ≥ 2 aligned tilts are kept
-    counts = np.bincount(df["tilt"], minlength=f_all)
-    aligned = counts >= opt.min_beads_per_tilt
-    df = df[aligned[df["tilt"].to_numpy()]]
-    per_bead = df.groupby("bead")["tilt"].transform("size")
-    dropped = sorted(set(df["bead"][per_bead < 2]))
-    df = df[per_bead >= 2].reset_index(drop=True)
-    counts = np.bincount(df["tilt"], minlength=f_all)
-    aligned = counts >= opt.min_beads_per_tilt
-    df = df[aligned[df["tilt"].to_numpy()]].reset_index(drop=True)
-    if dropped:
-        notes.append(f"beads seen on fewer than 2 aligned tilts dropped: {dropped}")
-    if (~aligned).any():
-        notes.append(f"tilts with fewer than {opt.min_beads_per_tilt} beads not aligned: "
-                     f"{np.flatnonzero(~aligned).tolist()}")
-    if aligned.sum() < 2 or df.empty:
-        raise InputError("tracks: fewer than 2 tilts with enough beads")
-    tilt_ids = np.flatnonzero(aligned)
-    tilt_of = -np.ones(f_all, int)
-    tilt_of[tilt_ids] = np.arange(len(tilt_ids))
-    bead_ids, bj = np.unique(df["bead"].to_numpy(), return_inverse=True)
-    ti = tilt_of[df["tilt"].to_numpy()]
-    uv = df[["x", "y"]].to_numpy(float)
-    f = len(tilt_ids)
 
+def _aligned_tilt_index(value, flag: str, obs: _Observations) -> int:
+    """``value`` as a file tilt index, InputError naming ``flag`` unless it is an aligned tilt."""
+    index = int(value)
+    if not (0 <= index < len(obs.aligned)) or not obs.aligned[index]:
+        raise InputError(f"{flag} {index}: not an aligned tilt index")
+    return index
+
+
+def _reference_tilt(opt: FiducialOptions, obs: _Observations, theta_nom: np.ndarray) -> int:
+    """File index of the reference tilt (magnification 1): ``opt.ref_tilt`` or the aligned
+    tilt with the lowest ``|nominal tilt|``."""
     if opt.ref_tilt is None:
-        ref_all = int(tilt_ids[np.argmin(np.abs(theta_nom[tilt_ids]))])
-    else:
-        ref_all = int(opt.ref_tilt)
-        if not (0 <= ref_all < f_all) or not aligned[ref_all]:
-            raise InputError(f"--ref_tilt {ref_all}: not an aligned tilt index")
-    ref = int(tilt_of[ref_all])
-    th0 = np.deg2rad(theta_nom[tilt_ids])
-    ps0 = np.deg2rad(axis[tilt_ids])
+        return int(obs.tilt_ids[np.argmin(np.abs(theta_nom[obs.tilt_ids]))])
+    return _aligned_tilt_index(opt.ref_tilt, "--ref_tilt", obs)
+
+
+def _parameter_maps(opt: FiducialOptions, obs: _Observations, th0: np.ndarray, ref: int,
+                    notes: list[str]) -> dict:
+    """The basis of each per-tilt parameter kind (``rotation``, ``tilt``, ``magnification``,
+    ``stretch``, ``skew``: ``(f, k)`` matrices mapping free variables to per-tilt increments,
+    gauges removed) and ``stretch_ref_tilt`` (file index or ``None``)."""
+    f = len(obs.tilt_ids)
     order = np.argsort(th0, kind="stable")
-    b_rot = param_map(opt.rotation, f, order, opt.group("rotation"))
     e_ref = np.zeros(f)
     e_ref[ref] = 1.0
-    b_mag = param_map(opt.magnification, f, order, opt.group("magnification"), constraint=e_ref)
     if opt.magnification == "global":
         notes.append("magnification 'global' is the overall scale (a gauge): kept fixed at 1")
     # X-stretch and skew: a common value is a gauge (the beads absorb it), fixed either at a
@@ -433,17 +382,14 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
     if sref_all is None:
         c_dist = np.ones(f)
     else:
-        sref_all = int(sref_all)
-        if not (0 <= sref_all < f_all) or not aligned[sref_all]:
-            raise InputError(f"--stretch_ref_tilt {sref_all}: not an aligned tilt index")
+        sref_all = _aligned_tilt_index(sref_all, "--stretch_ref_tilt", obs)
         c_dist = np.zeros(f)
-        c_dist[tilt_of[sref_all]] = 1.0
+        c_dist[obs.tilt_of[sref_all]] = 1.0
     # a shear of the beads' z by x, z → z + εx, is taken up by the stretches m_i → m_i − ε tan θ_i
     cos0 = np.cos(th0)
     b_str = param_map(opt.stretch, f, order, opt.group("stretch"),
                       constraint=np.vstack([c_dist, np.tan(th0)]),
                       group_scale=cos0**1.5 if opt.cosine_groups else None)
-    b_skew = param_map(opt.skew, f, order, opt.group("skew"), constraint=c_dist)
     for nm in ("stretch", "skew"):
         if getattr(opt, nm) == "global":
             notes.append(f"{nm} 'global' is a common distortion of the beads (a gauge): kept 0")
@@ -455,15 +401,28 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
         if opt.tilt != "fixed":
             notes.append("X-stretch solved: tilt increments constrained by Σ tan θ⁰ (θ − θ⁰) = 0 "
                          "(the tilt magnitude trades off against the specimen thickness)")
-    b_tilt = param_map(opt.tilt, f, order, opt.group("tilt"), constraint=c_tilt,
-                       global_column=th0 - th0.mean(),
-                       group_scale=cos0 if opt.cosine_groups else None)
-    ic = np.array([w_img // 2, h_img // 2], float)
+    return {
+        "rotation": param_map(opt.rotation, f, order, opt.group("rotation")),
+        "tilt": param_map(opt.tilt, f, order, opt.group("tilt"), constraint=c_tilt,
+                          global_column=th0 - th0.mean(),
+                          group_scale=cos0 if opt.cosine_groups else None),
+        "magnification": param_map(opt.magnification, f, order, opt.group("magnification"),
+                                   constraint=e_ref),
+        "stretch": b_str,
+        "skew": param_map(opt.skew, f, order, opt.group("skew"), constraint=c_dist),
+        "stretch_ref_tilt": sref_all,
+    }
 
-    # start: beads back-projected from their lowest-tilt view at z = 0, then a linear solve
-    # for shifts and positions at the nominal angles, then the full problem
+
+def _solve(opt: FiducialOptions, obs: _Observations, th0: np.ndarray, ps0: np.ndarray,
+           ic: np.ndarray, maps: dict) -> tuple[BundleProblem, np.ndarray, np.ndarray]:
+    """``(problem, parameters, weights)``: a linear start (beads back-projected from their
+    lowest-tilt view at z = 0, then shifts and positions at the nominal angles), the full
+    problem, and robust re-weighting rounds when asked."""
+    ti, bj, uv = obs.ti, obs.bj, obs.uv
+    f = len(obs.tilt_ids)
     p_lin = BundleProblem(ti, bj, uv, ps0, th0, None, None, None, ic)
-    x0 = np.zeros((len(bead_ids), 3))
+    x0 = np.zeros((len(obs.bead_ids), 3))
     first = np.lexsort((np.abs(th0[ti]), bj))
     first = first[np.r_[True, bj[first][1:] != bj[first][:-1]]]
     for k in first:
@@ -474,62 +433,60 @@ def align_fiducials(tracks, tilt_angles_deg, tilt_axis_deg, image_size_px, *,
     p = p_lin.pack([], np.tile(ic, (f, 1)), x0)
     weights = np.ones(len(ti))
     p, _, _ = levenberg_marquardt(p_lin, p, weights, max_iter=10)
-    prob = BundleProblem(ti, bj, uv, ps0, th0, b_rot, b_tilt, b_mag, ic, b_stretch=b_str,
-                         b_skew=b_skew)
+    prob = BundleProblem(ti, bj, uv, ps0, th0, maps["rotation"], maps["tilt"],
+                         maps["magnification"], ic, b_stretch=maps["stretch"],
+                         b_skew=maps["skew"])
     _, t_lin, x_lin = p_lin.split(p)
     p = prob.pack(prob.zero_variables(), t_lin, x_lin)
     p, _, _ = levenberg_marquardt(prob, p, weights, max_iter=opt.max_iter)
+    if opt.robust == "none":
+        return prob, p, weights
+    schedule = ["huber"] * 3 + [opt.robust] * opt.robust_iter if opt.robust == "tukey" \
+        else ["huber"] * opt.robust_iter
+    for kind in schedule:
+        dist = np.linalg.norm(prob.predict(p) - uv, axis=1)
+        w_new, _ = robust_weights(dist, kind, opt.robust_c)
+        change = np.max(np.abs(w_new - weights))
+        weights = w_new
+        p, _, _ = levenberg_marquardt(prob, p, weights, max_iter=opt.max_iter)
+        if change < 1e-3 and kind == schedule[-1]:
+            break
+    return prob, p, weights
 
-    if opt.robust != "none":
-        schedule = ["huber"] * 3 + [opt.robust] * opt.robust_iter if opt.robust == "tukey" \
-            else ["huber"] * opt.robust_iter
-        for kind in schedule:
-            dist = np.linalg.norm(prob.predict(p) - uv, axis=1)
-            w_new, _ = robust_weights(dist, kind, opt.robust_c)
-            change = np.max(np.abs(w_new - weights))
-            weights = w_new
-            p, _, _ = levenberg_marquardt(prob, p, weights, max_iter=opt.max_iter)
-            if change < 1e-3 and kind == schedule[-1]:
-                break
 
+def _per_tilt_geometry(prob: BundleProblem, p: np.ndarray, obs: _Observations, axis: np.ndarray,
+                       theta_nom: np.ndarray, ic: np.ndarray) -> dict[str, np.ndarray]:
+    """The fitted per-tilt fields of :class:`FiducialResult` over all tilts (file order):
+    tilts left out keep the nominal angles and take the shift of the nearest aligned tilt."""
     psi, theta, s, dmag, skew, t = prob.per_tilt(p)
-    x_rel = prob.split(p)[2]
-    rot_deg = axis.copy()
-    tilt_deg = theta_nom.copy()
-    mag = np.ones(f_all)
-    stretch = np.zeros(f_all)
-    skew_deg = np.zeros(f_all)
-    shifts = np.zeros((f_all, 2))
-    rot_deg[tilt_ids] = np.rad2deg(psi)
-    tilt_deg[tilt_ids] = np.rad2deg(theta)
-    mag[tilt_ids] = s
-    stretch[tilt_ids] = dmag
-    skew_deg[tilt_ids] = np.rad2deg(skew)
-    shifts[tilt_ids] = t - ic
-    for i in np.flatnonzero(~aligned):
-        shifts[i] = shifts[tilt_ids[np.argmin(np.abs(theta_nom[tilt_ids] - theta_nom[i]))]]
-    proj = projection_matrices(rot_deg, tilt_deg, mag, shifts, (w_img, h_img), tomo_size_px,
-                               stretch=stretch, skew_deg=skew_deg)
-    c_int = np.array([v // 2 for v in tomo_size_px], float)
+    ids = obs.tilt_ids
+    f_all = len(theta_nom)
+    out = {"rotation_deg": axis.copy(), "tilt_deg": theta_nom.copy(),
+           "magnification": np.ones(f_all), "stretch": np.zeros(f_all),
+           "skew_deg": np.zeros(f_all), "shifts_px": np.zeros((f_all, 2))}
+    out["rotation_deg"][ids] = np.rad2deg(psi)
+    out["tilt_deg"][ids] = np.rad2deg(theta)
+    out["magnification"][ids] = s
+    out["stretch"][ids] = dmag
+    out["skew_deg"][ids] = np.rad2deg(skew)
+    shifts = out["shifts_px"]
+    shifts[ids] = t - ic
+    for i in np.flatnonzero(~obs.aligned):
+        shifts[i] = shifts[ids[np.argmin(np.abs(theta_nom[ids] - theta_nom[i]))]]
+    return out
 
+
+def _residuals(prob: BundleProblem, p: np.ndarray, weights: np.ndarray,
+               obs: _Observations) -> tuple[pd.DataFrame, float, int]:
+    """``(table, sigma_px, n_free)``: one row per observation (predicted − observed), the
+    weighted noise estimate per coordinate and the number of free parameters (gauge removed)."""
+    uv = obs.uv
     e = prob.predict(p) - uv
-    dist = np.linalg.norm(e, axis=1)
     n_free = prob.n_params - 3
     dof = max(2.0 * np.sum(weights) - n_free, 1.0)
     sigma = float(np.sqrt(np.sum(weights * np.sum(e * e, 1)) / dof))
-    res = pd.DataFrame({
-        "bead": bead_ids[bj], "tilt": tilt_ids[ti], "x": uv[:, 0], "y": uv[:, 1],
-        "dx": e[:, 0], "dy": e[:, 1], "dist": dist, "weight": weights,
+    table = pd.DataFrame({
+        "bead": obs.bead_ids[obs.bj], "tilt": obs.tilt_ids[obs.ti], "x": uv[:, 0], "y": uv[:, 1],
+        "dx": e[:, 0], "dy": e[:, 1], "dist": np.linalg.norm(e, axis=1), "weight": weights,
     })
-    return FiducialResult(
-        projections=proj, tilt_deg=tilt_deg, rotation_deg=rot_deg, magnification=mag,
-        shifts_px=shifts, aligned=aligned, bead_ids=bead_ids,
-        bead_positions_px=x_rel + c_int, residuals=res, nominal_tilt_deg=theta_nom,
-        tilt_axis_deg=float(axis[0]), ref_tilt=ref_all, image_size_px=(w_img, h_img),
-        tomo_size_px=tomo_size_px, pixel_size_ang=float(pixel_size_ang or 1.0),
-        n_params=int(n_free), sigma_px=sigma, options=opt, notes=notes, stretch=stretch,
-        skew_deg=skew_deg, stretch_ref_tilt=sref_all,
-        n_variables={**dict(zip(BundleProblem.KINDS, map(int, prob.k), strict=True)),
-                     "shifts": 2 * f - 2, "beads": 3 * len(bead_ids) - 1},
-    )
-
+    return table, sigma, n_free

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
 import typer
 
+from polish3d.clitable import add_table_command
 from polish3d.errors import InputError
 from polish3d.fiducials._align import FiducialOptions, FiducialResult, align_fiducials
 from polish3d.fiducials._files import (
@@ -88,35 +89,15 @@ def run_fiducials(
         raise InputError("--tracks is required (IMOD .fid/.mod, or CSV/STAR with bead, tilt, x, y)")
     if not out_dir:
         raise InputError("--o (output directory) is required")
-    opt = options or FiducialOptions()
     df = read_tracks(tracks)
     image_px = _ints(image_size, 2, "--image_size")
     tomo_px = _ints(tomo_size, 3, "--tomo_size")
-    tset = None
-    nominal = None
+    tset = nominal = None
     if tomograms:
-        from polish3d.io.relion import read_tomogram_set
-
-        tset = read_tomogram_set(tomograms)
-        names = tset.names
-        if not tomo:
-            if len(names) != 1:
-                raise InputError(
-                    f"{tomograms} holds {len(names)} tilt series: choose one with --tomo")
-            tomo = names[0]
-        if tomo not in names:
-            raise InputError(f"--tomo {tomo!r} is not in {tomograms} ({', '.join(names)})")
-        tsd = tset.tilt_series(tomo, load_images=False)
-        table = tset.tilt_tables[tomo]
+        tset, tomo, tsd, nominal, tilt_axis_deg = _from_tomogram_set(tomograms, tomo, tilt_axis_deg)
         image_px = image_px or tuple(tsd.image_size_px)
         tomo_px = tomo_px or tuple(tsd.tomo_size_px)
         pixel_size_ang = pixel_size_ang or tsd.pixel_size_ang
-        nominal = read_nominal_tilts_star(tset.tilt_files.get(tomo, tomograms), table)
-        if tilt_axis_deg is None:
-            for lab in ("rlnTomoNominalTiltAxisAngle", "rlnTomoZRot"):
-                if lab in table.columns:
-                    tilt_axis_deg = float(table[lab].to_numpy(float)[0])
-                    break
     if tlt:
         nominal = read_tilt_angles(tlt)
     if nominal is None:
@@ -131,14 +112,53 @@ def run_fiducials(
     tree_inputs = [] if tset is None else \
         [Path(tomograms)] + [Path(v) for v in tset.tilt_files.values()]
     inputs = [Path(tracks)] + ([Path(tlt)] if tlt else []) + tree_inputs
+    _refuse_overwriting_inputs(inputs, _planned_outputs(out, name, tset is not None),
+                               out if tset is not None else None, tree_inputs)
+    result = align_fiducials(df, nominal, tilt_axis_deg, image_px, options=options or FiducialOptions(),
+                             tomo_size_px=tomo_px, pixel_size_ang=pixel_size_ang)
+    rep = _write_outputs(out, name, result, tset, tomo)
+    log.info("fiducials %s: residual RMS %.3f px (inliers %.3f px), %d beads, %d tilts → %s",
+             name, rep["rms_px"], rep["rms_inliers_px"], rep["n_beads"], rep["n_tilts"], out)
+    return result, rep
+
+
+def _from_tomogram_set(tomograms: str, tomo: str, tilt_axis_deg: float | None):
+    """``(tomogram set, tomo, tilt series, nominal angles, tilt axis)`` for tilt series ``tomo``
+    of ``tomograms`` (the only one when ``tomo`` is empty); the tilt axis is ``tilt_axis_deg``,
+    else the table's ``rlnTomoNominalTiltAxisAngle`` or ``rlnTomoZRot`` (``None`` without)."""
+    from polish3d.io.relion import read_tomogram_set
+
+    tset = read_tomogram_set(tomograms)
+    names = tset.names
+    if not tomo:
+        if len(names) != 1:
+            raise InputError(f"{tomograms} holds {len(names)} tilt series: choose one with --tomo")
+        tomo = names[0]
+    if tomo not in names:
+        raise InputError(f"--tomo {tomo!r} is not in {tomograms} ({', '.join(names)})")
+    tsd = tset.tilt_series(tomo, load_images=False)
+    table = tset.tilt_tables[tomo]
+    nominal = read_nominal_tilts_star(tset.tilt_files.get(tomo, tomograms), table)
+    if tilt_axis_deg is None:
+        tilt_axis_deg = next((float(table[lab].to_numpy(float)[0])
+                              for lab in ("rlnTomoNominalTiltAxisAngle", "rlnTomoZRot")
+                              if lab in table.columns), None)
+    return tset, tomo, tsd, nominal, tilt_axis_deg
+
+
+def _planned_outputs(out: Path, name: str, with_tomogram_set: bool) -> list[Path]:
+    """The files :func:`run_fiducials` writes into ``out`` (the tilt-series STAR files of a
+    tomogram set aside)."""
     planned = [out / f"{name}{sfx}" for sfx in (".xf", ".tlt", "_beads.csv", "_residuals.csv",
                                                 "_projections.star")]
     planned += [out / "report.json", out / "report.txt"]
-    if tset is not None:
+    if with_tomogram_set:
         planned.append(out / "tomograms.star")
-    _refuse_overwriting_inputs(inputs, planned, out if tset is not None else None, tree_inputs)
-    result = align_fiducials(df, nominal, tilt_axis_deg, image_px, options=opt,
-                             tomo_size_px=tomo_px, pixel_size_ang=pixel_size_ang)
+    return planned
+
+
+def _write_outputs(out: Path, name: str, result: FiducialResult, tset, tomo: str) -> dict:
+    """Write every output file into ``out``; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     write_xf(out / f"{name}.xf", result)
     write_tlt(out / f"{name}.tlt", result.tilt_deg)
@@ -154,94 +174,77 @@ def run_fiducials(
     rep = report_dict(result)
     atomic_write_text(out / "report.json", json.dumps(rep, indent=1))
     atomic_write_text(out / "report.txt", report_text(rep))
-    log.info("fiducials %s: residual RMS %.3f px (inliers %.3f px), %d beads, %d tilts → %s",
-             name, rep["rms_px"], rep["rms_inliers_px"], rep["n_beads"], rep["n_tilts"], out)
-    return result, rep
+    return rep
 
 
 MODES_HELP = "fixed, global, grouped or per_tilt"
-Opt = typer.Option
+
+# option (flag without "--") → (type, default, help), in --help order
+OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    "tracks": (str, "", "Bead tracks: IMOD .fid/.mod (needs imodmodel) or CSV/STAR with bead, "
+                        "tilt, x, y (px); bead_id/contour, view/tilt_row/z, x_px/y_px also "
+                        "accepted."),
+    "tlt": (str, "", "Nominal tilt angles: IMOD .tlt or tilt-series STAR "
+                     "(rlnTomoNominalStageTiltAngle)."),
+    "t": (str, "", "Tomogram set (tomograms.star): angles, sizes, pixel size; its geometry is "
+                   "replaced in the output."),
+    "tomo": (str, "", "rlnTomoName in --t."),
+    "tilt_axis": (float | None, None, "Tilt-axis angle, degrees from the image y axis, "
+                                      "counter-clockwise."),
+    "image_size": (str, "", "Tilt-image size W,H (px)."),
+    "tomo_size": (str, "", "Tomogram size w,h,d (px) the projection matrices refer to."),
+    "pixel_size": (float | None, None, "Å per pixel."),
+    "o": (str, "", "Output directory."),
+    "rotation": (str, "per_tilt", f"In-plane rotation: {MODES_HELP}."),
+    "tilt": (str, "per_tilt", f"Tilt angles: {MODES_HELP}."),
+    "mag": (str, "per_tilt", f"Magnification: {MODES_HELP}."),
+    "stretch": (str, "fixed", f"X-stretch (tiltalign's dmag, XStretchOption): {MODES_HELP}."),
+    "skew": (str, "fixed", f"Skew (tiltalign's SkewOption): {MODES_HELP}."),
+    "group_size": (int, 5, "Tilts per group (grouped), for every parameter without its own size."),
+    "rotation_group": (int, 0, "Tilts per rotation group; 0: --group_size."),
+    "tilt_group": (int, 0, "Tilts per tilt-angle group; 0: --group_size."),
+    "mag_group": (int, 0, "Tilts per magnification group; 0: --group_size."),
+    "stretch_group": (int, 0, "Tilts per X-stretch group; 0: --group_size."),
+    "skew_group": (int, 0, "Tilts per skew group; 0: --group_size."),
+    "cosine_groups": (bool, False, "Tilt groups ∝ cos θ and X-stretch groups ∝ cos^1.5 θ "
+                                   "(tiltalign's automapping)."),
+    "stretch_ref_tilt": (int, -1, "Tilt index whose X-stretch and skew are 0; -1: they sum to 0."),
+    "robust": (bool, False, "Tukey re-weighting of outliers."),
+    "ref_tilt": (int, -1, "Reference tilt index (mag 1); -1: lowest |tilt|."),
+    "name": (str, "", "Output file stem (default --tomo or the tracks file name)."),
+}
 
 
-def _fiducials_command(run):
-    def fiducials_cmd(
-        tracks: Annotated[str, Opt("--tracks", help="Bead tracks: IMOD .fid/.mod (needs "
-                                   "imodmodel) or CSV/STAR with bead, tilt, x, y (px); "
-                                   "bead_id/contour, view/tilt_row/z, x_px/y_px also "
-                                   "accepted.")] = "",
-        tlt: Annotated[str, Opt("--tlt", help="Nominal tilt angles: IMOD .tlt or tilt-series "
-                                "STAR (rlnTomoNominalStageTiltAngle).")] = "",
-        t: Annotated[str, Opt("--t", help="Tomogram set (tomograms.star): angles, sizes, "
-                              "pixel size; its geometry is replaced in the output.")] = "",
-        tomo: Annotated[str, Opt("--tomo", help="rlnTomoName in --t.")] = "",
-        tilt_axis: Annotated[float | None, Opt("--tilt_axis", help="Tilt-axis angle, degrees "
-                                               "from the image y axis, counter-clockwise.")] = None,
-        image_size: Annotated[str, Opt("--image_size", help="Tilt-image size W,H (px).")] = "",
-        tomo_size: Annotated[str, Opt("--tomo_size", help="Tomogram size w,h,d (px) the "
-                                      "projection matrices refer to.")] = "",
-        pixel_size: Annotated[float | None, Opt("--pixel_size", help="Å per pixel.")] = None,
-        o: Annotated[str, Opt("--o", help="Output directory.")] = "",
-        rotation: Annotated[str, Opt("--rotation", help=f"In-plane rotation: {MODES_HELP}.")] = (
-            "per_tilt"),
-        tilt: Annotated[str, Opt("--tilt", help=f"Tilt angles: {MODES_HELP}.")] = "per_tilt",
-        mag: Annotated[str, Opt("--mag", help=f"Magnification: {MODES_HELP}.")] = "per_tilt",
-        stretch: Annotated[str, Opt("--stretch", help=f"X-stretch (tiltalign's dmag, "
-                                    f"XStretchOption): {MODES_HELP}.")] = "fixed",
-        skew: Annotated[str, Opt("--skew", help=f"Skew (tiltalign's SkewOption): "
-                                 f"{MODES_HELP}.")] = "fixed",
-        group_size: Annotated[int, Opt("--group_size", help="Tilts per group (grouped), for "
-                                       "every parameter without its own size.")] = 5,
-        rotation_group: Annotated[int, Opt("--rotation_group", help="Tilts per rotation "
-                                           "group; 0: --group_size.")] = 0,
-        tilt_group: Annotated[int, Opt("--tilt_group", help="Tilts per tilt-angle group; 0: "
-                                       "--group_size.")] = 0,
-        mag_group: Annotated[int, Opt("--mag_group", help="Tilts per magnification group; 0: "
-                                      "--group_size.")] = 0,
-        stretch_group: Annotated[int, Opt("--stretch_group", help="Tilts per X-stretch group; "
-                                          "0: --group_size.")] = 0,
-        skew_group: Annotated[int, Opt("--skew_group", help="Tilts per skew group; 0: "
-                                       "--group_size.")] = 0,
-        cosine_groups: Annotated[bool, Opt("--cosine_groups", help="Tilt groups ∝ cos θ and "
-                                           "X-stretch groups ∝ cos^1.5 θ (tiltalign's "
-                                           "automapping).")] = False,
-        stretch_ref_tilt: Annotated[int, Opt("--stretch_ref_tilt", help="Tilt index whose "
-                                             "X-stretch and skew are 0; -1: they sum to 0."
-                                             )] = -1,
-        robust: Annotated[bool, Opt("--robust", help="Tukey re-weighting of outliers.")] = False,
-        ref_tilt: Annotated[int, Opt("--ref_tilt", help="Reference tilt index (mag 1); "
-                                     "-1: lowest |tilt|.")] = -1,
-        name: Annotated[str, Opt("--name", help="Output file stem (default --tomo or the "
-                                 "tracks file name).")] = "",
-    ) -> None:
-        """Align a tilt series from tracked gold beads (bundle adjustment like tiltalign)."""
+def options_from_flags(values: dict[str, Any]) -> FiducialOptions:
+    """The :class:`FiducialOptions` of the command-line values ``{option: value}`` (group sizes
+    0 and tilt indices −1 mean "not given")."""
+    groups = FiducialOptions.GROUPS.values()  # the group options are named like the fields
+    for flag in ("group_size", *groups):
+        v = values[flag]
+        if v < 0 or (v == 0 and flag == "group_size"):
+            raise InputError(f"--{flag} {v}: expected a positive number of tilts")
+    return FiducialOptions(
+        **{field_name: values[flag[2:]] for field_name, flag in FiducialOptions.FLAGS.items()},
+        group_size=values["group_size"],
+        **{g: values[g] or None for g in groups},
+        ref_tilt=None if values["ref_tilt"] < 0 else values["ref_tilt"],
+        stretch_ref_tilt=None if values["stretch_ref_tilt"] < 0 else values["stretch_ref_tilt"],
+        cosine_groups=values["cosine_groups"], robust="tukey" if values["robust"] else "none")
 
-        def go():
-            for flag, v in (("--group_size", group_size), ("--rotation_group", rotation_group),
-                            ("--tilt_group", tilt_group), ("--mag_group", mag_group),
-                            ("--stretch_group", stretch_group), ("--skew_group", skew_group)):
-                if v < 0 or (v == 0 and flag == "--group_size"):
-                    raise InputError(f"{flag} {v}: expected a positive number of tilts")
-            options = FiducialOptions(
-                rotation=rotation, tilt=tilt, magnification=mag, stretch=stretch, skew=skew,
-                group_size=group_size, rotation_group=rotation_group or None,
-                tilt_group=tilt_group or None, mag_group=mag_group or None,
-                stretch_group=stretch_group or None, skew_group=skew_group or None,
-                ref_tilt=None if ref_tilt < 0 else ref_tilt,
-                stretch_ref_tilt=None if stretch_ref_tilt < 0 else stretch_ref_tilt,
-                cosine_groups=cosine_groups, robust="tukey" if robust else "none")
-            _, rep = run_fiducials(
-                tracks=tracks, out_dir=o, tlt=tlt, tomograms=t, tomo=tomo,
-                tilt_axis_deg=tilt_axis, image_size=image_size, tomo_size=tomo_size,
-                pixel_size_ang=pixel_size, options=options, name=name)
-            typer.echo(f"residual RMS {rep['rms_px']:.3f} px ({rep['rms_ang']:.2f} Å), inliers "
-                       f"{rep['rms_inliers_px']:.3f} px; {rep['n_beads']} beads, "
-                       f"{rep['n_tilts']} tilts; report: {Path(o) / 'report.txt'}")
 
-        run(go)
-
-    return fiducials_cmd
+def _fiducials_from_flags(values: dict[str, Any]) -> None:
+    _, rep = run_fiducials(
+        tracks=values["tracks"], out_dir=values["o"], tlt=values["tlt"], tomograms=values["t"],
+        tomo=values["tomo"], tilt_axis_deg=values["tilt_axis"], image_size=values["image_size"],
+        tomo_size=values["tomo_size"], pixel_size_ang=values["pixel_size"],
+        options=options_from_flags(values), name=values["name"])
+    typer.echo(f"residual RMS {rep['rms_px']:.3f} px ({rep['rms_ang']:.2f} Å), inliers "
+               f"{rep['rms_inliers_px']:.3f} px; {rep['n_beads']} beads, "
+               f"{rep['n_tilts']} tilts; report: {Path(values['o']) / 'report.txt'}")
 
 
 def register_cli(app, run) -> None:
     """Add the ``fiducials`` command to the typer ``app``; ``run(fn)`` maps errors to exit 2."""
-    app.command("fiducials")(_fiducials_command(run))
+    add_table_command(app, "fiducials", OPTIONS, _fiducials_from_flags, run,
+                      "Align a tilt series from tracked gold beads (bundle adjustment like "
+                      "tiltalign).")

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from polish3d.errors import InputError
-from polish3d.fiducials._align import FiducialResult, normalise_tracks, projection_matrices
+from polish3d.fiducials._align import FiducialResult, projection_matrices
+from polish3d.fiducials._tracks import normalise_tracks
 from polish3d.io.star import atomic_write_text
 
 __all__ = [
@@ -52,7 +53,7 @@ def read_tracks(path) -> pd.DataFrame:
       ``x, y`` shifted by −0.5 px into the polish3d frame.
     * ``.csv``/``.tsv``/``.txt``: table with columns ``bead, tilt, x, y``, or the names other
       tools write (``bead_id``/``contour``, ``tilt_row``/``view``/``z``, ``x_px``/``y_px``, …;
-      see :data:`~polish3d.fiducials._align.TRACK_COLUMNS`); extra columns are ignored.
+      see :data:`~polish3d.fiducials._tracks.TRACK_COLUMNS`); extra columns are ignored.
     * ``.star``: a loop block with such columns (``rln`` prefixes allowed).
 
     Raises:

@@ -33,40 +33,6 @@ def report_dict(result: FiducialResult) -> dict:
     res = result.residuals
     px = result.pixel_size_ang
     inl = res["weight"] >= 0.5
-    per_tilt = []
-    by_tilt = dict(list(res.groupby("tilt")))
-    for i in range(result.n_tilts):
-        g = by_tilt.get(i)
-        rms = _rms(g["dx"], g["dy"]) if g is not None else 0.0
-        per_tilt.append({
-            "index": i,
-            "nominal_tilt_deg": float(result.nominal_tilt_deg[i]),
-            "tilt_deg": float(result.tilt_deg[i]),
-            "rotation_deg": float(result.rotation_deg[i]),
-            "magnification": float(result.magnification[i]),
-            "stretch": float(result.stretch[i]),
-            "skew_deg": float(result.skew_deg[i]),
-            "shift_x_px": float(result.shifts_px[i, 0]),
-            "shift_y_px": float(result.shifts_px[i, 1]),
-            "aligned": bool(result.aligned[i]),
-            "n_obs": 0 if g is None else len(g),
-            "rms_px": rms,
-            "rms_ang": rms * px,
-        })
-    per_bead = []
-    by_bead = dict(list(res.groupby("bead")))
-    for k, b in enumerate(result.bead_ids):
-        g = by_bead[b]
-        x = result.bead_positions_px[k]
-        rms = _rms(g["dx"], g["dy"])
-        per_bead.append({"bead": int(b), "x_px": float(x[0]), "y_px": float(x[1]),
-                         "z_px": float(x[2]), "n_obs": len(g), "rms_px": rms, "rms_ang": rms * px})
-    top = res.sort_values("dist", ascending=False).head(result.options.n_largest)
-    largest = [{
-        "rank": r + 1, "bead": int(row.bead), "tilt": int(row.tilt), "x_px": float(row.x),
-        "y_px": float(row.y), "dx_px": float(row.dx), "dy_px": float(row.dy),
-        "dist_px": float(row.dist), "dist_ang": float(row.dist) * px, "weight": float(row.weight),
-    } for r, row in enumerate(top.itertuples())]
     rms_all = _rms(res["dx"], res["dy"])
     rms_in = _rms(res["dx"][inl], res["dy"][inl])
     return {
@@ -93,11 +59,62 @@ def report_dict(result: FiducialResult) -> dict:
         "sigma_ang": result.sigma_px * px,
         "n_downweighted": int(np.sum(res["weight"] < 0.5)),
         "n_rejected": int(np.sum(res["weight"] == 0.0)),
-        "per_tilt": per_tilt,
-        "per_bead": per_bead,
-        "largest_residuals": largest,
+        "per_tilt": _per_tilt(result),
+        "per_bead": _per_bead(result),
+        "largest_residuals": _largest_residuals(result),
         "notes": list(result.notes),
     }
+
+
+def _per_tilt(result: FiducialResult) -> list[dict]:
+    """One record per tilt (file order): fitted geometry, observation count and RMS."""
+    px = result.pixel_size_ang
+    by_tilt = dict(list(result.residuals.groupby("tilt")))
+    rows = []
+    for i in range(result.n_tilts):
+        g = by_tilt.get(i)
+        rms = _rms(g["dx"], g["dy"]) if g is not None else 0.0
+        rows.append({
+            "index": i,
+            "nominal_tilt_deg": float(result.nominal_tilt_deg[i]),
+            "tilt_deg": float(result.tilt_deg[i]),
+            "rotation_deg": float(result.rotation_deg[i]),
+            "magnification": float(result.magnification[i]),
+            "stretch": float(result.stretch[i]),
+            "skew_deg": float(result.skew_deg[i]),
+            "shift_x_px": float(result.shifts_px[i, 0]),
+            "shift_y_px": float(result.shifts_px[i, 1]),
+            "aligned": bool(result.aligned[i]),
+            "n_obs": 0 if g is None else len(g),
+            "rms_px": rms,
+            "rms_ang": rms * px,
+        })
+    return rows
+
+
+def _per_bead(result: FiducialResult) -> list[dict]:
+    """One record per kept bead: 3D position (voxels), observation count and RMS."""
+    px = result.pixel_size_ang
+    by_bead = dict(list(result.residuals.groupby("bead")))
+    rows = []
+    for k, b in enumerate(result.bead_ids):
+        g = by_bead[b]
+        x = result.bead_positions_px[k]
+        rms = _rms(g["dx"], g["dy"])
+        rows.append({"bead": int(b), "x_px": float(x[0]), "y_px": float(x[1]),
+                     "z_px": float(x[2]), "n_obs": len(g), "rms_px": rms, "rms_ang": rms * px})
+    return rows
+
+
+def _largest_residuals(result: FiducialResult) -> list[dict]:
+    """The ``options.n_largest`` largest residuals, largest first."""
+    px = result.pixel_size_ang
+    top = result.residuals.sort_values("dist", ascending=False).head(result.options.n_largest)
+    return [{
+        "rank": r + 1, "bead": int(row.bead), "tilt": int(row.tilt), "x_px": float(row.x),
+        "y_px": float(row.y), "dx_px": float(row.dx), "dy_px": float(row.dy),
+        "dist_px": float(row.dist), "dist_ang": float(row.dist) * px, "weight": float(row.weight),
+    } for r, row in enumerate(top.itertuples())]
 
 
 def _tiltalign_count(result: FiducialResult) -> int:

@@ -72,6 +72,32 @@ def simulate_bead_tracks(
     rng = np.random.default_rng(seed)
     nominal = np.linspace(-tilt_range_deg, tilt_range_deg, n_tilts)
     ref = int(np.argmin(np.abs(nominal)))
+    truth = _per_tilt_truth(rng, nominal, ref, tilt_axis_deg, rotation_error_deg, tilt_error_deg,
+                            mag_error, shift_error_px)
+    truth["stretch"], truth["skew_deg"] = _distortions(rng, nominal, stretch_error,
+                                                       skew_error_deg, stretch_group, skew_group)
+    if stretch_error:  # the thickness gauge of align_fiducials: Σ tan θ⁰ (θ − θ⁰) = 0 as well
+        c = np.vstack([np.ones(n_tilts), np.tan(np.deg2rad(nominal))])
+        d = truth["tilt_deg"] - nominal
+        truth["tilt_deg"] = nominal + d - c.T @ np.linalg.lstsq(c @ c.T, c @ d, rcond=None)[0]
+    beads = _bead_constellation(rng, n_beads, tomo_size_px, bead_depth_px)
+    proj = projection_matrices(truth["rotation_deg"], truth["tilt_deg"], truth["magnification"],
+                               truth["shifts_px"], image_size_px, tomo_size_px,
+                               stretch=truth["stretch"], skew_deg=truth["skew_deg"])
+    tracks = _observe(rng, proj, beads, image_size_px, noise_px, missing_fraction,
+                      outlier_fraction, outlier_px)
+    return tracks, {
+        "projections": proj, "bead_positions_px": beads, **truth, "nominal_tilt_deg": nominal,
+        "tilt_axis_deg": tilt_axis_deg, "ref_tilt": ref, "image_size_px": tuple(image_size_px),
+        "tomo_size_px": tuple(tomo_size_px),
+    }
+
+
+def _per_tilt_truth(rng, nominal, ref, tilt_axis_deg, rotation_error_deg, tilt_error_deg,
+                    mag_error, shift_error_px) -> dict[str, np.ndarray]:
+    """True ``rotation_deg``, ``tilt_deg`` (errors of zero mean), ``magnification`` (1 at
+    ``ref``) and ``shifts_px`` (zero mean) per tilt."""
+    n_tilts = len(nominal)
     rot = tilt_axis_deg + rng.normal(0.0, rotation_error_deg, n_tilts)
     tilt = nominal + rng.normal(0.0, tilt_error_deg, n_tilts)
     tilt -= np.mean(tilt - nominal)
@@ -79,7 +105,14 @@ def simulate_bead_tracks(
     mag[ref] = 1.0
     shifts = rng.normal(0.0, shift_error_px, (n_tilts, 2))
     shifts -= shifts.mean(0)
-    # drawn only when asked, so that the undistorted simulations keep their random streams
+    return {"tilt_deg": tilt, "rotation_deg": rot, "magnification": mag, "shifts_px": shifts}
+
+
+def _distortions(rng, nominal, stretch_error, skew_error_deg, stretch_group, skew_group):
+    """``(stretch, skew_deg)`` per tilt in the gauge of :func:`align_fiducials`: X-stretch with
+    ``Σ m = Σ tan θ⁰ m = 0``, skew with ``Σ δ = 0``; grouped draws lie in the span of the fitted
+    basis. Drawn only when asked, so that undistorted simulations keep their random streams."""
+    n_tilts = len(nominal)
     order = np.argsort(nominal, kind="stable")
     tan0 = np.tan(np.deg2rad(nominal))
     gauge_m = np.vstack([np.ones(n_tilts), tan0])  # Σ m = 0 and Σ tan θ⁰ m = 0
@@ -100,19 +133,26 @@ def simulate_bead_tracks(
         else:
             skew = rng.normal(0.0, skew_error_deg, n_tilts)
             skew -= skew.mean()
-    if stretch_error:  # the thickness gauge of align_fiducials: Σ tan θ⁰ (θ − θ⁰) = 0 as well
-        c = np.vstack([np.ones(n_tilts), np.tan(np.deg2rad(nominal))])
-        d = tilt - nominal
-        tilt = nominal + d - c.T @ np.linalg.lstsq(c @ c.T, c @ d, rcond=None)[0]
+    return stretch, skew
+
+
+def _bead_constellation(rng, n_beads, tomo_size_px, bead_depth_px) -> np.ndarray:
+    """``(B, 3)`` bead positions (voxels): two layers at ``±bead_depth_px`` (± 10 px, mean
+    depth 0) over the central 80 % of the tomogram in x and y."""
     w0, h0, _ = tomo_size_px
     xy = rng.uniform(-0.4, 0.4, (n_beads, 2)) * np.array([w0, h0])
     z = np.where(np.arange(n_beads) % 2 == 0, 1.0, -1.0) * bead_depth_px
     z = z + rng.uniform(-10.0, 10.0, n_beads)
     z -= z.mean()
     c_int = np.array([v // 2 for v in tomo_size_px], float)
-    beads = np.column_stack([xy, z]) + c_int
-    proj = projection_matrices(rot, tilt, mag, shifts, image_size_px, tomo_size_px,
-                               stretch=stretch, skew_deg=skew)
+    return np.column_stack([xy, z]) + c_int
+
+
+def _observe(rng, proj, beads, image_size_px, noise_px, missing_fraction, outlier_fraction,
+             outlier_px) -> pd.DataFrame:
+    """Tracks of the beads' projections inside the images: some removed at random, Gaussian
+    noise added, some displaced as outliers (column ``outlier``)."""
+    n_tilts, n_beads = len(proj), len(beads)
     uv = np.einsum("fij,nj->fni", proj[:, :2, :3], beads) + proj[:, None, :2, 3]
     ti, bj = np.meshgrid(np.arange(n_tilts), np.arange(n_beads), indexing="ij")
     ti, bj = ti.ravel(), bj.ravel()
@@ -126,13 +166,5 @@ def simulate_bead_tracks(
     ang = rng.uniform(0, 2 * np.pi, outlier.sum())
     dist = rng.uniform(*outlier_px, outlier.sum())
     obs[outlier] += np.column_stack([np.cos(ang), np.sin(ang)]) * dist[:, None]
-    tracks = pd.DataFrame({"bead": bj, "tilt": ti, "x": obs[:, 0], "y": obs[:, 1],
-                           "outlier": outlier})
-    truth = {
-        "projections": proj, "bead_positions_px": beads, "tilt_deg": tilt, "rotation_deg": rot,
-        "magnification": mag, "stretch": stretch, "skew_deg": skew, "shifts_px": shifts,
-        "nominal_tilt_deg": nominal,
-        "tilt_axis_deg": tilt_axis_deg, "ref_tilt": ref, "image_size_px": tuple(image_size_px),
-        "tomo_size_px": tuple(tomo_size_px),
-    }
-    return tracks, truth
+    return pd.DataFrame({"bead": bj, "tilt": ti, "x": obs[:, 0], "y": obs[:, 1],
+                         "outlier": outlier})
