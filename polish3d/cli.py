@@ -18,6 +18,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import logging  # noqa: E402
 import sys  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
@@ -68,131 +69,134 @@ def _root(
 # ----------------------------------------------------------------------------------------------
 
 
-def _flag(kind: type, name: str, text: str):
-    return Annotated[kind, typer.Option(name, help=text)]
-
-
-I = _flag(str, "--i", "Optimisation set (optimisation_set.star).")
-P = _flag(str, "--p", "Particle set (overrides the one in --i).")
-T = _flag(str, "--t", "Tomogram set (overrides the one in --i).")
-Mot = _flag(str, "--mot", "Trajectory set motion.star (overrides --i).")
-Ref1 = _flag(str, "--ref1", "Reference half map 1.")
-Ref2 = _flag(str, "--ref2", "Reference half map 2.")
-Mask = _flag(str, "--mask", "Reference mask (multiplied into both halves).")
-Fsc = _flag(str, "--fsc", "FSC table (postprocess.star, table fsc).")
-FreqCutoff = _flag(float, "--freq_cutoff", "Explicit resolution cutoff in Å (negative: off).")
-FscThreshWidth = _flag(float, "--fsc_thresh_width", "Cosine fall-off width after the last shell (shells).")
-UseSnrWeight = _flag(bool, "--use_SNR_weight", "Weight shells by the reference SNR (else flat).")
-B = _flag(int, "--b", "Box size in tilt-series pixels (required).")
-R = _flag(float, "--r", "Max. 2D position error in pixels (CC window).")
-J = _flag(int, "--j", "CPU threads.")
-O = _flag(str, "--o", "Output directory (required).")
-OnlyDoUnfinished = _flag(bool, "--only_do_unfinished", "Skip tomograms already finished in --o.")
-PerFrameNoise = _flag(bool, "--per_frame_noise", "Whiten each tilt with its own noise spectrum.")
-Diag = _flag(bool, "--diag", "Write diagnostic images.")
-ShiftOnly = _flag(bool, "--shift_only", "Only a rigid 2D shift per tilt.")
-ShiftOnlyByParticles = _flag(bool, "--shift_only_by_particles", "Shift-only from summed particle CCs.")
-ConstP = _flag(bool, "--const_p", "Keep particle positions constant.")
-ConstA = _flag(bool, "--const_a", "Keep the per-tilt angles constant.")
-ConstS = _flag(bool, "--const_s", "Keep the per-tilt shifts constant.")
-RangeReg = _flag(float, "--range_reg", "Penalty weight for 2D displacements beyond --r.")
-Aniso = _flag(bool, "--aniso", "(RELION: no effect) rejected.")
-PerTiltAniso = _flag(bool, "--per_tilt_aniso", "(RELION: no effect) rejected.")
-It = _flag(int, "--it", "Max. L-BFGS iterations.")
-Motion = _flag(bool, "--motion", "Estimate per-particle 3D motion (GP prior).")
-SVel = _flag(float, "--s_vel", "Velocity sigma, Å per e⁻/Å² of dose.")
-SDiv = _flag(float, "--s_div", "Divergence sigma (correlation length), Å.")
-AbsParams = _flag(bool, "--abs_params", "Do not scale the motion sigmas by the per-tilt dose.")
-SqExpKer = _flag(bool, "--sq_exp_ker", "Squared-exponential instead of exponential kernel.")
-MaxEd = _flag(int, "--max_ed", "Max. eigen-deformations kept (-1: all).")
-Deformation = _flag(bool, "--deformation", "Estimate 2D image deformations.")
-DefW = _flag(int, "--def_w", "Deformation grid points horizontally.")
-DefH = _flag(int, "--def_h", "Deformation grid points vertically.")
-DefModel = _flag(str, "--def_model", "Deformation model: linear, spline or Fourier.")
-DefReg = _flag(float, "--def_reg", "Deformation regulariser weight.")
-PerFrameDeformation = _flag(bool, "--per_frame_deformation", "One deformation per tilt.")
-DefShrink = _flag(float, "--def_shrink",
-                  "polish3d: shrinkage of the deformation update at the particles (0: off).")
-Pad = _flag(int, "--pad", "Fourier padding factor of the CC maps.")
-NoWhiten = _flag(bool, "--no_whiten", "Do not whiten (weights 1).")
-WhitenAbs = _flag(bool, "--whiten_abs", "(RELION: no effect) ignored.")
-Hp = _flag(float, "--hp", "Gaussian high-pass sigma in Fourier pixels (<=0 off).")
-Srp = _flag(float, "--srp", "Whitening weight × (i/N)^srp.")
-MinFrame = _flag(int, "--min_frame", "First dose rank used.")
-MaxFrame = _flag(int, "--max_frame", "Last dose rank used (-1: last).")
-CutoffFract = _flag(float, "--cutoff_fract", "Ignore Fourier pixels with relative weight below this.")
-Theme = _flag(str, "--theme", "Accepted for RELION compatibility; ignored.")
-Outer = _flag(int, "--outer",
-              "polish3d: max. CC-map passes (2nd+ at the refined geometry; 1: RELION-like).")
-ExactPasses = _flag(int, "--exact_passes",
-                    "polish3d: passes of the final stage on the exact CC after the outer iterations "
-                    "(no grid pins the result to the start; 0: off).")
-Device = _flag(str, "--device", "polish3d: JAX platform: cpu, gpu or tpu.")
-FscCheck = _flag(bool, "--fsc_check",
-                 "polish3d: reconstruct the half maps from the input and the refined geometry and "
-                 "report both FSCs (about doubles the run time).")
-Workers = _flag(int, "--workers",
-                "polish3d: refine tomograms as tasks on a local Dask cluster of this many worker "
-                "processes, each with --j threads (0: in this process).")
-Scheduler = _flag(str, "--scheduler",
-                  "polish3d: address of a running Dask scheduler (tcp://host:8786) whose workers "
-                  "refine the tomograms.")
-PipelineControl = _flag(str, "--pipeline_control", "RELION pipeline control directory.")
+#: every flag of ``polish3d align``: its type and help (the defaults are in the signature below)
+_FLAGS: dict[str, tuple[type, str]] = {
+    "--i": (str, "Optimisation set (optimisation_set.star)."),
+    "--p": (str, "Particle set (overrides the one in --i)."),
+    "--t": (str, "Tomogram set (overrides the one in --i)."),
+    "--mot": (str, "Trajectory set motion.star (overrides --i)."),
+    "--ref1": (str, "Reference half map 1."),
+    "--ref2": (str, "Reference half map 2."),
+    "--mask": (str, "Reference mask (multiplied into both halves)."),
+    "--fsc": (str, "FSC table (postprocess.star, table fsc)."),
+    "--freq_cutoff": (float, "Explicit resolution cutoff in Å (negative: off)."),
+    "--fsc_thresh_width": (float, "Cosine fall-off width after the last shell (shells)."),
+    "--use_SNR_weight": (bool, "Weight shells by the reference SNR (else flat)."),
+    "--b": (int, "Box size in tilt-series pixels (required)."),
+    "--r": (float, "Max. 2D position error in pixels (CC window)."),
+    "--j": (int, "CPU threads."),
+    "--o": (str, "Output directory (required)."),
+    "--only_do_unfinished": (bool, "Skip tomograms already finished in --o."),
+    "--per_frame_noise": (bool, "Whiten each tilt with its own noise spectrum."),
+    "--diag": (bool, "Write diagnostic images."),
+    "--shift_only": (bool, "Only a rigid 2D shift per tilt."),
+    "--shift_only_by_particles": (bool, "Shift-only from summed particle CCs."),
+    "--const_p": (bool, "Keep particle positions constant."),
+    "--const_a": (bool, "Keep the per-tilt angles constant."),
+    "--const_s": (bool, "Keep the per-tilt shifts constant."),
+    "--range_reg": (float, "Penalty weight for 2D displacements beyond --r."),
+    "--aniso": (bool, "(RELION: no effect) rejected."),
+    "--per_tilt_aniso": (bool, "(RELION: no effect) rejected."),
+    "--it": (int, "Max. L-BFGS iterations."),
+    "--motion": (bool, "Estimate per-particle 3D motion (GP prior)."),
+    "--s_vel": (float, "Velocity sigma, Å per e⁻/Å² of dose."),
+    "--s_div": (float, "Divergence sigma (correlation length), Å."),
+    "--abs_params": (bool, "Do not scale the motion sigmas by the per-tilt dose."),
+    "--sq_exp_ker": (bool, "Squared-exponential instead of exponential kernel."),
+    "--max_ed": (int, "Max. eigen-deformations kept (-1: all)."),
+    "--deformation": (bool, "Estimate 2D image deformations."),
+    "--def_w": (int, "Deformation grid points horizontally."),
+    "--def_h": (int, "Deformation grid points vertically."),
+    "--def_model": (str, "Deformation model: linear, spline or Fourier."),
+    "--def_reg": (float, "Deformation regulariser weight."),
+    "--per_frame_deformation": (bool, "One deformation per tilt."),
+    "--def_shrink": (float, "polish3d: shrinkage of the deformation update at the particles (0: off)."),
+    "--pad": (int, "Fourier padding factor of the CC maps."),
+    "--no_whiten": (bool, "Do not whiten (weights 1)."),
+    "--whiten_abs": (bool, "(RELION: no effect) ignored."),
+    "--hp": (float, "Gaussian high-pass sigma in Fourier pixels (<=0 off)."),
+    "--srp": (float, "Whitening weight × (i/N)^srp."),
+    "--min_frame": (int, "First dose rank used."),
+    "--max_frame": (int, "Last dose rank used (-1: last)."),
+    "--cutoff_fract": (float, "Ignore Fourier pixels with relative weight below this."),
+    "--theme": (str, "Accepted for RELION compatibility; ignored."),
+    "--outer": (int, "polish3d: max. CC-map passes (2nd+ at the refined geometry; 1: RELION-like)."),
+    "--exact_passes": (int, "polish3d: passes of the final stage on the exact CC after the outer iterations "
+        "(no grid pins the result to the start; 0: off)."),
+    "--device": (str, "polish3d: JAX platform: cpu, gpu or tpu."),
+    "--fsc_check": (bool, "polish3d: reconstruct the half maps from the input and the refined geometry and "
+        "report both FSCs (about doubles the run time)."),
+    "--workers": (int, "polish3d: refine tomograms as tasks on a local Dask cluster of this many worker "
+        "processes, each with --j threads (0: in this process)."),
+    "--scheduler": (str, "polish3d: address of a running Dask scheduler (tcp://host:8786) whose workers "
+        "refine the tomograms."),
+    "--pipeline_control": (str, "RELION pipeline control directory."),
+}
+#: ``Flag.r``: the type of the parameter ``r`` of :func:`align_cmd` (the option ``--r``)
+Flag = SimpleNamespace(**{
+    name[2:].lower(): Annotated[kind, typer.Option(name, help=text)] for name, (kind, text) in _FLAGS.items()
+})
 
 
 @app.command("align", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def align_cmd(
     ctx: typer.Context,
-    i: I = "", p: P = "", t: T = "", mot: Mot = "", ref1: Ref1 = "", ref2: Ref2 = "", mask: Mask = "",
-    fsc: Fsc = "",
-    freq_cutoff: FreqCutoff = default("freq_cutoff_ang"),
-    fsc_thresh_width: FscThreshWidth = default("fsc_thresh_width_shells"),
-    use_snr_weight: UseSnrWeight = default("use_snr_weight"),
-    b: B = 0,
-    r: R = default("tomogram.r"),
-    j: J = default("threads"),
-    o: O = "",
-    only_do_unfinished: OnlyDoUnfinished = False,
-    per_frame_noise: PerFrameNoise = default("tomogram.per_frame_noise"),
-    diag: Diag = False,
-    shift_only: ShiftOnly = default("tomogram.shift_only"),
-    shift_only_by_particles: ShiftOnlyByParticles = default("tomogram.shift_only_by_particles"),
-    const_p: ConstP = default("tomogram.const_p"),
-    const_a: ConstA = default("tomogram.const_a"),
-    const_s: ConstS = default("tomogram.const_s"),
-    range_reg: RangeReg = default("tomogram.range_reg"),
-    aniso: Aniso = False,
-    per_tilt_aniso: PerTiltAniso = False,
-    it: It = default("tomogram.it"),
-    motion: Motion = default("motion") is not None,
-    s_vel: SVel = default("motion.s_vel"),
-    s_div: SDiv = default("motion.s_div"),
-    abs_params: AbsParams = default("motion.abs_params"),
-    sq_exp_ker: SqExpKer = default("motion.sq_exp_ker"),
-    max_ed: MaxEd = default("motion.max_ed"),
-    deformation: Deformation = default("deformation") is not None,
-    def_w: DefW = default("deformation.grid")[0],
-    def_h: DefH = default("deformation.grid")[1],
-    def_model: DefModel = default("deformation.model"),
-    def_reg: DefReg = default("deformation.reg"),
-    per_frame_deformation: PerFrameDeformation = default("deformation.per_tilt"),
-    def_shrink: DefShrink = default("deformation.shrink"),
-    pad: Pad = 1,
-    no_whiten: NoWhiten = not default("tomogram.whiten"),
-    whiten_abs: WhitenAbs = False,
-    hp: Hp = default("tomogram.hp"),
-    srp: Srp = default("tomogram.srp"),
-    min_frame: MinFrame = default("tomogram.min_frame"),
-    max_frame: MaxFrame = default("tomogram.max_frame"),
-    cutoff_fract: CutoffFract = default("tomogram.cutoff_fract"),
-    theme: Theme = "",
-    outer: Outer = default("tomogram.outer"),
-    exact_passes: ExactPasses = default("tomogram.exact_passes"),
-    device: Device = "",
-    fsc_check: FscCheck = default("fsc_check"),
-    workers: Workers = default("workers"),
-    scheduler: Scheduler = default("scheduler"),
-    pipeline_control: PipelineControl = "",
+    i: Flag.i = "",
+    p: Flag.p = "",
+    t: Flag.t = "",
+    mot: Flag.mot = "",
+    ref1: Flag.ref1 = "",
+    ref2: Flag.ref2 = "",
+    mask: Flag.mask = "",
+    fsc: Flag.fsc = "",
+    freq_cutoff: Flag.freq_cutoff = default("freq_cutoff_ang"),
+    fsc_thresh_width: Flag.fsc_thresh_width = default("fsc_thresh_width_shells"),
+    use_snr_weight: Flag.use_snr_weight = default("use_snr_weight"),
+    b: Flag.b = 0,
+    r: Flag.r = default("tomogram.r"),
+    j: Flag.j = default("threads"),
+    o: Flag.o = "",
+    only_do_unfinished: Flag.only_do_unfinished = False,
+    per_frame_noise: Flag.per_frame_noise = default("tomogram.per_frame_noise"),
+    diag: Flag.diag = False,
+    shift_only: Flag.shift_only = default("tomogram.shift_only"),
+    shift_only_by_particles: Flag.shift_only_by_particles = default("tomogram.shift_only_by_particles"),
+    const_p: Flag.const_p = default("tomogram.const_p"),
+    const_a: Flag.const_a = default("tomogram.const_a"),
+    const_s: Flag.const_s = default("tomogram.const_s"),
+    range_reg: Flag.range_reg = default("tomogram.range_reg"),
+    aniso: Flag.aniso = False,
+    per_tilt_aniso: Flag.per_tilt_aniso = False,
+    it: Flag.it = default("tomogram.it"),
+    motion: Flag.motion = default("motion") is not None,
+    s_vel: Flag.s_vel = default("motion.s_vel"),
+    s_div: Flag.s_div = default("motion.s_div"),
+    abs_params: Flag.abs_params = default("motion.abs_params"),
+    sq_exp_ker: Flag.sq_exp_ker = default("motion.sq_exp_ker"),
+    max_ed: Flag.max_ed = default("motion.max_ed"),
+    deformation: Flag.deformation = default("deformation") is not None,
+    def_w: Flag.def_w = default("deformation.grid")[0],
+    def_h: Flag.def_h = default("deformation.grid")[1],
+    def_model: Flag.def_model = default("deformation.model"),
+    def_reg: Flag.def_reg = default("deformation.reg"),
+    per_frame_deformation: Flag.per_frame_deformation = default("deformation.per_tilt"),
+    def_shrink: Flag.def_shrink = default("deformation.shrink"),
+    pad: Flag.pad = 1,
+    no_whiten: Flag.no_whiten = not default("tomogram.whiten"),
+    whiten_abs: Flag.whiten_abs = False,
+    hp: Flag.hp = default("tomogram.hp"),
+    srp: Flag.srp = default("tomogram.srp"),
+    min_frame: Flag.min_frame = default("tomogram.min_frame"),
+    max_frame: Flag.max_frame = default("tomogram.max_frame"),
+    cutoff_fract: Flag.cutoff_fract = default("tomogram.cutoff_fract"),
+    theme: Flag.theme = "",
+    outer: Flag.outer = default("tomogram.outer"),
+    exact_passes: Flag.exact_passes = default("tomogram.exact_passes"),
+    device: Flag.device = "",
+    fsc_check: Flag.fsc_check = default("fsc_check"),
+    workers: Flag.workers = default("workers"),
+    scheduler: Flag.scheduler = default("scheduler"),
+    pipeline_control: Flag.pipeline_control = "",
 ) -> None:
     """Refine per-tilt 5-DOF projections and particle positions (relion_tomo_align)."""
     from polish3d.relion_job import run_job
