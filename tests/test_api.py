@@ -8,6 +8,9 @@ are run on it and scored against the truth.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -67,6 +70,17 @@ def test_public_names():
     assert score_module is not api.score and polish3d.score is api.score  # … keeps the function
     assert polish3d.AlignConfig(box=32).r == 20.0
     assert polish3d.RefineConfig.build(32, r=8).tomogram == polish3d.AlignConfig(box=32, r=8.0)
+
+
+def test_import_is_light_and_the_cli_limits_blas_before_numpy_loads():
+    code = ("import os, sys, polish3d\n"
+            "assert 'numpy' not in sys.modules and 'jax' not in sys.modules, 'import polish3d is heavy'\n"
+            "assert 'OPENBLAS_NUM_THREADS' not in os.environ, 'import polish3d sets thread limits'\n"
+            "import polish3d.cli\n"
+            "assert os.environ['OPENBLAS_NUM_THREADS'] == '1'\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
 
 
 def test_simulate(sim):
