@@ -83,7 +83,8 @@ def main() -> None:
     ap.add_argument("--shrink", type=float, default=0.01)
     args = ap.parse_args()
 
-    from polish3d.align import AlignInputs, align
+    from polish3d.config import RefineConfig
+    from polish3d.driver import AlignInputs, align
     from polish3d.refine.deformation import DeformationConfig
     from polish3d.refine.tomogram import AlignConfig
     from polish3d.score import score
@@ -121,8 +122,7 @@ def main() -> None:
                 align(
                     AlignInputs(i="optimisation_set.star"),
                     out.relative_to(sim),
-                    AlignConfig(box=48, r=10),
-                    deformation=dcfg,
+                    RefineConfig(AlignConfig(box=48, r=10), deformation=dcfg),
                     write_note=False,
                 )
                 opt = out.relative_to(sim) / "optimisation_set.star"

@@ -11,82 +11,66 @@ The public API (see ``docs/api.md``)::
     out = polish3d.align(sim.optimisation_set, "aligned", box=32, r=8)
     print(polish3d.score(out.optimisation_set, sim.truth_optimisation_set).table())
 
-Note: the functions :func:`align`, :func:`simulate` and :func:`score` have the names of the
-submodules that implement them; ``polish3d.align`` is the function. Import from a submodule with
-``from polish3d.align import …`` (``from polish3d import align`` gives the function).
+The public names are loaded on first use: ``import polish3d`` itself imports neither NumPy nor
+JAX (so the command line can set thread limits before they load). :func:`simulate` and
+:func:`score` have the names of the submodules that implement them; ``polish3d.simulate`` is the
+function even after ``import polish3d.simulate`` (import from the submodule with ``from
+polish3d.simulate import …``).
 """
 
 from __future__ import annotations
 
-import os as _os
-
-# The host-side linear algebra is small (L-BFGS vectors, tiny dense solves): a multi-threaded
-# OpenBLAS only adds contention with XLA's own threads (measured 10-100x slower L-BFGS steps on
-# a busy 2-core machine). Takes effect only if numpy is not imported yet (the CLI).
-_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-# The submodules are imported first so that the functions below keep their names as package
-# attributes (importing a submodule later would otherwise rebind ``polish3d.<name>`` to it).
-import polish3d.align as _align_module  # noqa: E402,F401  (binds the submodule first)
-import polish3d.score as _score_module  # noqa: E402,F401
-import polish3d.simulate as _simulate_module  # noqa: E402,F401
-from polish3d.api import (  # noqa: E402
-    AlignInputs,
-    AlignOutcome,
-    Deformation,
-    FiducialOptions,
-    FiducialResult,
-    OptimisationSetData,
-    ParticleData,
-    ScoreResult,
-    TiltSeriesData,
-    TomogramResult,
-    align,
-    align_fiducials,
-    make_align_config,
-    read_optimisation_set,
-    refine_tilt_series,
-    score,
-    set_device,
-    simulate,
+_API = (
+    "AlignInputs", "AlignOutcome", "Deformation", "FiducialOptions", "FiducialResult",
+    "OptimisationSetData", "ParticleData", "ScoreResult", "TiltSeriesData", "TomogramResult", "align",
+    "align_fiducials", "read_optimisation_set", "refine_tilt_series", "score", "set_device", "simulate",
 )
-from polish3d.errors import InputError  # noqa: E402
-from polish3d.simulate import SimulationConfig, SimulationResult  # noqa: E402
+#: where each public name lives (the option records live with the JAX code: loading them loads JAX)
+_HOMES = {
+    **dict.fromkeys(_API, "polish3d.api"),
+    "InputError": "polish3d.errors",
+    "SimulationConfig": "polish3d.simulate",
+    "SimulationResult": "polish3d.simulate",
+    "RefineConfig": "polish3d.config",
+    "AlignConfig": "polish3d.refine.tomogram",
+    "MotionConfig": "polish3d.refine.motion",
+    "DeformationConfig": "polish3d.refine.deformation",
+}
 
-__all__ = [
-    "AlignConfig",
-    "AlignInputs",
-    "AlignOutcome",
-    "Deformation",
-    "FiducialOptions",
-    "FiducialResult",
-    "InputError",
-    "OptimisationSetData",
-    "ParticleData",
-    "ScoreResult",
-    "SimulationConfig",
-    "SimulationResult",
-    "TiltSeriesData",
-    "TomogramResult",
-    "__version__",
-    "align",
-    "align_fiducials",
-    "make_align_config",
-    "read_optimisation_set",
-    "refine_tilt_series",
-    "score",
-    "set_device",
-    "simulate",
-]
+__all__ = [*sorted(_HOMES), "__version__"]
 
 
 def __getattr__(name: str):
-    # AlignConfig lives with the JAX code; imported on first use so that ``import polish3d``
-    # (and ``polish3d.io``) do not import JAX.
-    if name == "AlignConfig":
-        from polish3d.refine.tomogram import AlignConfig
+    home = _HOMES.get(name)
+    if home is None:  # a submodule not imported yet (``polish3d.io``, ``polish3d.fiducials``, …)
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'polish3d' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
 
-        return AlignConfig
-    raise AttributeError(f"module 'polish3d' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
+
+class _Package(types.ModuleType):
+    """The package module: importing a submodule never rebinds a public name (``simulate``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            return  # the import system binding ``polish3d.simulate`` (the module) on the package
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,7 +1,8 @@
 """The Python API of polish3d: two layers, files → files and arrays → arrays.
 
 * :func:`align` refines every tomogram of an optimisation set and writes RELION 5 files (what
-  ``polish3d align`` does); keyword options have the names of the command-line flags.
+  ``polish3d align`` does); its options are one :class:`polish3d.config.RefineConfig` (or the
+  keywords :meth:`RefineConfig.build <polish3d.config.RefineConfig.build>` takes).
 * :func:`refine_tilt_series` refines one tomogram from in-memory records and arrays; it reads and
   writes no file.
 * :func:`read_optimisation_set` loads an optimisation set into those records, so that the array
@@ -26,14 +27,17 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from polish3d.align import AlignInputs, AlignOutcome
+from polish3d.driver import AlignInputs, AlignOutcome
 from polish3d.errors import InputError
 from polish3d.fiducials import FiducialOptions, FiducialResult, align_fiducials
 from polish3d.model import Deformation, ParticleData, TiltSeriesData, TomogramResult
+
+if TYPE_CHECKING:
+    from polish3d.config import RefineConfig
 
 __all__ = [
     "AlignInputs",
@@ -48,7 +52,6 @@ __all__ = [
     "TomogramResult",
     "align",
     "align_fiducials",
-    "make_align_config",
     "read_optimisation_set",
     "refine_tilt_series",
     "score",
@@ -99,9 +102,7 @@ def set_device(platform: Literal["cpu", "gpu", "tpu"]) -> str:
         InputError: unknown platform, no device of that kind on this machine, or JAX already
             initialised on another platform.
     """
-    from polish3d.align import select_device
-
-    backend = select_device(platform, flag="device")
+    backend = select_device(platform)
     if backend != platform:
         raise InputError(
             f"device {platform!r}: JAX already computes on {backend!r}; call set_device before "
@@ -110,112 +111,50 @@ def set_device(platform: Literal["cpu", "gpu", "tpu"]) -> str:
     return backend
 
 
-# ---------------------------------------------------------------------------------------------
-# options → AlignConfig (names of the command-line flags)
-
-#: Flag names of ``polish3d align`` accepted as keyword options by :func:`align` and
-#: :func:`refine_tilt_series` (without ``--``; ``--b`` is ``box``). Defaults are those of the
-#: command line: :class:`~polish3d.refine.tomogram.AlignConfig` for the refinement options, and
-#: :data:`_OTHER_DEFAULTS` for the reference, motion and deformation options.
-ALIGN_OPTIONS: tuple[str, ...] = (
-    "r", "const_p", "const_a", "const_s", "range_reg", "it", "no_whiten", "per_frame_noise",
-    "srp", "hp", "cutoff_fract", "min_frame", "max_frame", "shift_only",
-    "shift_only_by_particles", "outer",
-    "freq_cutoff", "fsc_thresh_width", "use_SNR_weight",
-    "motion", "s_vel", "s_div", "abs_params", "sq_exp_ker", "max_ed",
-    "deformation", "def_w", "def_h", "def_model", "def_reg", "per_frame_deformation",
-)
-_OTHER_DEFAULTS: dict[str, Any] = {
-    "freq_cutoff": -1.0,
-    "fsc_thresh_width": 5.0,
-    "use_SNR_weight": False,
-    "motion": False,
-    "s_vel": 0.5,
-    "s_div": 5000.0,
-    "abs_params": False,
-    "sq_exp_ker": False,
-    "max_ed": -1,
-    "deformation": False,
-    "def_w": 3,
-    "def_h": 3,
-    "def_model": "spline",
-    "def_reg": 0.0,
-    "per_frame_deformation": False,
-    "shift_only": False,
-}
-#: flags that are AlignConfig fields of the same name (``no_whiten`` maps to ``whiten``)
-_CONFIG_FLAGS = (
-    "r", "const_p", "const_a", "const_s", "range_reg", "it", "per_frame_noise", "srp", "hp",
-    "cutoff_fract", "min_frame", "max_frame", "shift_only", "shift_only_by_particles", "outer",
-)
-
-
-@dataclass(frozen=True)
-class _Options:
-    config: Any
-    motion: Any
-    deformation: Any
-    freq_cutoff_ang: float
-    fsc_thresh_width: float
-    use_snr_weight: bool
-
-
-def make_align_config(box: int, **options) -> Any:
-    """The :class:`~polish3d.refine.tomogram.AlignConfig` for ``box`` and flag-named options.
-
-    Args:
-        box: ``--b``, box size in tilt-series pixels (even).
-        **options: any of :data:`ALIGN_OPTIONS` (flag names without ``--``, e.g. ``r=20``,
-            ``const_a=True``, ``outer=2``) and the polish3d-only ``blur_px``, ``coarse_shift``,
-            ``chunk``, ``tol_rms_px``, ``tol_max_px``. Motion and deformation options are ignored here.
+def select_device(device: str) -> str:
+    """Make JAX compute on ``device``; returns the backend JAX uses from now on.
 
     Raises:
-        TypeError: an unknown option name.
-        InputError: invalid values (as the command line).
+        OptionError: ``device`` is not cpu, gpu or tpu, or no such device is usable here (the
+            message lists the platforms present).
     """
-    return _options(box, options).config
+    import jax
+
+    from polish3d.config import OptionError
+
+    if device not in ("cpu", "gpu", "tpu"):
+        raise OptionError(f"{{0}} {device}: expected cpu, gpu or tpu", "device")
+    previous = jax.config.jax_platforms
+    try:
+        jax.config.update("jax_platforms", device)
+        jax.devices(device)
+    except Exception:  # noqa: BLE001 - JAX says "Unable to initialize backend 'rocm'" and the like
+        jax.config.update("jax_platforms", previous)
+        present = []
+        for platform in ("cpu", "gpu", "tpu"):
+            try:
+                if jax.devices(platform):
+                    present.append(platform)
+            except Exception:  # noqa: BLE001
+                pass
+        raise OptionError(
+            f"{{0}} {device}: no {device} device is usable on this machine; available: "
+            f"{', '.join(present) or 'none'}", "device",
+        ) from None
+    return jax.default_backend()
 
 
-def _options(box: int, options: Mapping[str, Any]) -> _Options:
-    from polish3d.align import _deformation_config, _motion_config, check_window
-    from polish3d.refine.tomogram import AlignConfig
+def _config(config: RefineConfig | None, options: Mapping[str, Any]) -> RefineConfig:
+    """``config``, or the one :meth:`RefineConfig.build` makes of the keyword options."""
+    from polish3d.config import RefineConfig
 
-    fields = {f.name: f for f in dataclasses.fields(AlignConfig)}
-    expert = sorted(set(fields) - set(_CONFIG_FLAGS) - {"box", "whiten"})
-    unknown = sorted(set(options) - set(ALIGN_OPTIONS) - set(expert))
-    if unknown:
-        raise TypeError(
-            f"unknown option(s) {', '.join(unknown)}; expected flag names of `polish3d align` "
-            f"({', '.join(ALIGN_OPTIONS)}) or AlignConfig fields ({', '.join(expert)})"
-        )
-    kwargs: dict[str, Any] = {}
-    for name in _CONFIG_FLAGS:
-        if name in options:
-            kwargs[name] = type(fields[name].default)(options[name])
-    if "no_whiten" in options:
-        kwargs["whiten"] = not options["no_whiten"]
-    for name in expert:
-        if name in options:
-            value = options[name]
-            if name == "blur_px":
-                value = tuple(float(v) for v in (value if np.ndim(value) else [value]))
-            kwargs[name] = value
-    b = int(box)
-    if b <= 0 or b % 2:
-        raise InputError(f"box {box}: must be a positive even number of pixels")
-    o = dict(_OTHER_DEFAULTS)
-    o.update(options)
-    check_window(float(kwargs.get("r", fields["r"].default)), b, "r", "box")
-    if o["shift_only"] and o["motion"]:
-        raise InputError("shift_only cannot be combined with motion (as in RELION)")
-    return _Options(
-        config=AlignConfig(box=b, **kwargs),
-        motion=_motion_config(o),
-        deformation=_deformation_config(o),
-        freq_cutoff_ang=float(o["freq_cutoff"]),
-        fsc_thresh_width=float(o["fsc_thresh_width"]),
-        use_snr_weight=bool(o["use_SNR_weight"]),
-    )
+    if config is None:
+        if "box" not in options:
+            raise TypeError("give a RefineConfig, or the options by name with at least box=…")
+        return RefineConfig.build(**options)
+    if options:
+        raise TypeError(f"option(s) {', '.join(options)} given with a RefineConfig: set them in the config")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +257,8 @@ def read_optimisation_set(
 def align(
     optimisation_set: PathLike | AlignInputs,
     out_dir: PathLike,
+    config: RefineConfig | None = None,
     *,
-    box: int,
     only_do_unfinished: bool = False,
     **options,
 ) -> AlignOutcome:
@@ -337,41 +276,31 @@ def align(
             ``rlnTomoReferenceMap1File``…), or :class:`AlignInputs` naming every file as the
             flags ``--i --p --t --mot --ref1 --ref2 --mask --fsc`` do.
         out_dir: output folder (created).
-        box: ``--b``, box size (tilt-series pixels, even, ≥ the reference size).
+        config: every option of the run (:class:`polish3d.RefineConfig`); or leave it out and give
+            the options by name: ``box`` (pixels, even) and any keyword of
+            :meth:`RefineConfig.build <polish3d.config.RefineConfig.build>` (``r=12`` px,
+            ``outer=3``, ``const_a=True``, ``motion=polish3d.MotionConfig(s_vel=0.2)``,
+            ``freq_cutoff_ang=20``, ``workers=2``…).
         only_do_unfinished: reuse per-tomogram results already in ``out_dir/temp``.
-        **options: flag names of ``polish3d align`` without ``--`` (see
-            :data:`ALIGN_OPTIONS`; e.g. ``r=20`` px, ``outer=3``, ``const_a=True``,
-            ``motion=True, s_vel=0.5`` Å/(e⁻/Å²), ``freq_cutoff=20`` Å), plus ``blur_px``,
-            ``coarse_shift``, ``chunk``, ``tol_rms_px``, ``tol_max_px`` of :class:`AlignConfig`.
 
     Returns:
         :class:`AlignOutcome`: ``optimisation_set`` (path written), ``results``
         (``{tomo: TomogramResult}`` with ``metrics``), ``skipped``, ``seconds``, ``status``.
 
     Raises:
-        InputError: invalid options or input files (nothing is refined then).
-        TypeError: an unknown option name.
+        InputError: invalid options or input files (nothing is refined then); an option is named
+            by its path in the config (``tomogram.r``).
+        TypeError: an unknown option name, or options given with a ``config``.
     """
-    from polish3d.align import align as align_files
+    from polish3d.driver import align as align_files
 
-    o = _options(box, options)
     inputs = (
         optimisation_set
         if isinstance(optimisation_set, AlignInputs)
         else AlignInputs(i=str(optimisation_set))
     )
-    outcome = align_files(
-        inputs,
-        out_dir,
-        o.config,
-        motion=o.motion,
-        deformation=o.deformation,
-        only_do_unfinished=only_do_unfinished,
-        freq_cutoff_ang=o.freq_cutoff_ang,
-        fsc_thresh_width=o.fsc_thresh_width,
-        use_snr_weight=o.use_snr_weight,
-        write_note=False,
-    )
+    outcome = align_files(inputs, out_dir, _config(config, options),
+                          only_do_unfinished=only_do_unfinished, write_note=False)
     for res in outcome.results.values():
         res.metrics.setdefault("status", _status(res.metrics))
     if any(r.metrics.get("status") != "converged" for r in outcome.results.values()):
@@ -395,9 +324,8 @@ def refine_tilt_series(
     particles: ParticleData,
     stack,
     half_maps: tuple[np.ndarray, np.ndarray],
+    config: RefineConfig | None = None,
     *,
-    box: int,
-    r: float = 20.0,
     mask: np.ndarray | None = None,
     fsc: tuple[np.ndarray, np.ndarray] | np.ndarray | None = None,
     progress: Callable[..., None] | None = None,
@@ -417,14 +345,14 @@ def refine_tilt_series(
             ``stack[j]`` and fancy indexing, e.g. a NumPy array or memmap).
         half_maps: the two reference half maps ``[z, y, x]`` at the tilt-series pixel size, side
             ``≤ box``.
-        box: box size ``s`` (tilt-series pixels, even).
-        r: maximum 2D position error (pixels): half-width of the CC window.
+        config: the options (:class:`polish3d.RefineConfig`; its Dask and ``fsc_check`` options
+            do not apply here), or leave it out and give them by name as for :func:`align`:
+            ``box`` (pixels, even), ``r`` (pixels, half-width of the CC window), …
         mask: optional soft mask (same shape as the half maps), multiplied into both halves.
         fsc: the reference FSC: ``(spectral_index, fsc)`` or the ``fsc`` column alone
             (shells 0…N−1); ``None``: computed from the (masked) half maps.
         progress: optional callback ``progress(event, **figures)`` (events ``coarse_shift``,
             ``iteration``, ``outer``).
-        **options: any other flag of ``polish3d align`` by name (see :data:`ALIGN_OPTIONS`).
 
     Returns:
         :class:`TomogramResult`: refined ``projections`` ``(F, 4, 4)``, ``positions_px``
@@ -437,10 +365,11 @@ def refine_tilt_series(
         InputError: inconsistent shapes or invalid options.
         TypeError: an unknown option name.
     """
-    from polish3d.align import check_config, check_reference_maps
-    from polish3d.refine.tomogram import prepare_references, reference_envelope, refine_tomogram
+    from polish3d.driver import check_reference_maps
+    from polish3d.refine.tomogram import prepare_references
+    from polish3d.tomogram_jobs import envelope, refine_arrays
 
-    o = _options(box, dict(options, r=r))
+    config = _config(config, options)
     if tuple(np.shape(stack)) != (ts.n_tilts, ts.image_size_px[1], ts.image_size_px[0]):
         raise InputError(
             f"stack is {tuple(np.shape(stack))}, expected (F, H, W) = "
@@ -449,22 +378,14 @@ def refine_tilt_series(
     if particles.n_particles == 0:
         raise InputError(f"{ts.name}: no particles")
     check_reference_maps(*half_maps, mask)
-    check_config(o.config, o.motion, o.deformation)
-    refs_ft, (idx, fsc_v) = prepare_references(*half_maps, box, mask)
+    refs_ft, (idx, fsc_v) = prepare_references(*half_maps, config.box, mask)
     if isinstance(fsc, tuple):
         idx, fsc_v = (np.asarray(a, np.float64) for a in fsc)
     elif fsc is not None:
         fsc_v = np.asarray(fsc, np.float64)
         idx = np.arange(len(fsc_v))
-    envelope = reference_envelope(
-        idx, fsc_v, box, ts.pixel_size_ang, freq_cutoff_ang=o.freq_cutoff_ang,
-        width=o.fsc_thresh_width, use_snr=o.use_snr_weight,
-    )
-    res = refine_tomogram(
-        ts, particles, stack, refs_ft, envelope, o.config, motion=o.motion,
-        deformation=o.deformation, progress=progress,
-    )
-    res.metrics["particle_names"] = list(particles.names)
+    weights = envelope(config, idx, fsc_v, ts.pixel_size_ang)
+    res = refine_arrays(ts, particles, stack, refs_ft, weights, config, progress=progress)
     res.metrics["status"] = _status(res.metrics)
     return res
 

@@ -7,14 +7,25 @@ line on stderr and exit code 2 (a traceback only with ``--verbose``).
 
 from __future__ import annotations
 
-import logging
-import sys
-from typing import Annotated
+import os
 
-import typer
+# The host-side linear algebra is small (L-BFGS vectors, tiny dense solves): a multi-threaded
+# OpenBLAS only adds contention with XLA's own threads (measured 10-100x slower L-BFGS steps on
+# a busy 2-core machine). OpenBLAS reads this when NumPy loads, so it is set before anything here
+# imports NumPy (``import polish3d`` does not). Dask workers get it from the nanny's
+# ``pre-spawn-environ`` (see polish3d.scale).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from polish3d import __version__
-from polish3d.errors import InputError
+import logging  # noqa: E402
+import sys  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from polish3d import __version__  # noqa: E402
+from polish3d.config import default  # noqa: E402
+from polish3d.errors import InputError  # noqa: E402
 
 app = typer.Typer(
     name="polish3d",
@@ -54,128 +65,250 @@ def _root(
 
 
 # ----------------------------------------------------------------------------------------------
-# align
+# align: one option type per flag (defaults: polish3d.config.default, read from the dataclasses)
 # ----------------------------------------------------------------------------------------------
 
-Opt = typer.Option
+
+#: every flag of ``polish3d align``: its type and help (the defaults are in the signature below)
+_FLAGS: dict[str, tuple[type, str]] = {
+    "--i": (str, "Optimisation set (optimisation_set.star)."),
+    "--p": (str, "Particle set (overrides the one in --i)."),
+    "--t": (str, "Tomogram set (overrides the one in --i)."),
+    "--mot": (str, "Trajectory set motion.star (overrides --i)."),
+    "--ref1": (str, "Reference half map 1."),
+    "--ref2": (str, "Reference half map 2."),
+    "--mask": (str, "Reference mask (multiplied into both halves)."),
+    "--fsc": (str, "FSC table (postprocess.star, table fsc)."),
+    "--freq_cutoff": (float, "Explicit resolution cutoff in Å (negative: off)."),
+    "--fsc_thresh_width": (float, "Cosine fall-off width after the last shell (shells)."),
+    "--use_SNR_weight": (bool, "Weight shells by the reference SNR (else flat)."),
+    "--b": (int, "Box size in tilt-series pixels (required)."),
+    "--r": (float, "Max. 2D position error in pixels (CC window)."),
+    "--j": (int, "CPU threads."),
+    "--o": (str, "Output directory (required)."),
+    "--only_do_unfinished": (bool, "Skip tomograms already finished in --o."),
+    "--per_frame_noise": (bool, "Whiten each tilt with its own noise spectrum."),
+    "--diag": (bool, "Write diagnostic images."),
+    "--shift_only": (bool, "Only a rigid 2D shift per tilt."),
+    "--shift_only_by_particles": (bool, "Shift-only from summed particle CCs."),
+    "--const_p": (bool, "Keep particle positions constant."),
+    "--const_a": (bool, "Keep the per-tilt angles constant."),
+    "--const_s": (bool, "Keep the per-tilt shifts constant."),
+    "--range_reg": (float, "Penalty weight for 2D displacements beyond --r."),
+    "--aniso": (bool, "(RELION: no effect) rejected."),
+    "--per_tilt_aniso": (bool, "(RELION: no effect) rejected."),
+    "--it": (int, "Max. L-BFGS iterations."),
+    "--motion": (bool, "Estimate per-particle 3D motion (GP prior)."),
+    "--s_vel": (float, "Velocity sigma, Å per e⁻/Å² of dose."),
+    "--s_div": (float, "Divergence sigma (correlation length), Å."),
+    "--abs_params": (bool, "Do not scale the motion sigmas by the per-tilt dose."),
+    "--sq_exp_ker": (bool, "Squared-exponential instead of exponential kernel."),
+    "--max_ed": (int, "Max. eigen-deformations kept (-1: all)."),
+    "--deformation": (bool, "Estimate 2D image deformations."),
+    "--def_w": (int, "Deformation grid points horizontally."),
+    "--def_h": (int, "Deformation grid points vertically."),
+    "--def_model": (str, "Deformation model: linear, spline or Fourier."),
+    "--def_reg": (float, "Deformation regulariser weight."),
+    "--per_frame_deformation": (bool, "One deformation per tilt."),
+    "--def_shrink": (float, "polish3d: shrinkage of the deformation update at the particles (0: off)."),
+    "--pad": (int, "Fourier padding factor of the CC maps."),
+    "--no_whiten": (bool, "Do not whiten (weights 1)."),
+    "--whiten_abs": (bool, "(RELION: no effect) ignored."),
+    "--hp": (float, "Gaussian high-pass sigma in Fourier pixels (<=0 off)."),
+    "--srp": (float, "Whitening weight × (i/N)^srp."),
+    "--min_frame": (int, "First dose rank used."),
+    "--max_frame": (int, "Last dose rank used (-1: last)."),
+    "--cutoff_fract": (float, "Ignore Fourier pixels with relative weight below this."),
+    "--theme": (str, "Accepted for RELION compatibility; ignored."),
+    "--outer": (int, "polish3d: max. CC-map passes (2nd+ at the refined geometry; 1: RELION-like)."),
+    "--exact_passes": (int, "polish3d: passes of the final stage on the exact CC after the outer iterations "
+        "(no grid pins the result to the start; 0: off)."),
+    "--device": (str, "polish3d: JAX platform: cpu, gpu or tpu."),
+    "--fsc_check": (bool, "polish3d: reconstruct the half maps from the input and the refined geometry and "
+        "report both FSCs (about doubles the run time)."),
+    "--workers": (int, "polish3d: refine tomograms as tasks on a local Dask cluster of this many worker "
+        "processes, each with --j threads (0: in this process)."),
+    "--scheduler": (str, "polish3d: address of a running Dask scheduler (tcp://host:8786) whose workers "
+        "refine the tomograms."),
+    "--pipeline_control": (str, "RELION pipeline control directory."),
+}
+#: ``Flag.r``: the type of the parameter ``r`` of :func:`align_cmd` (the option ``--r``)
+Flag = SimpleNamespace(**{
+    name[2:].lower(): Annotated[kind, typer.Option(name, help=text)] for name, (kind, text) in _FLAGS.items()
+})
 
 
-@app.command(
-    "align",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-)
+@app.command("align", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def align_cmd(
     ctx: typer.Context,
-    i: Annotated[str, Opt("--i", help="Optimisation set (optimisation_set.star).")] = "",
-    p: Annotated[str, Opt("--p", help="Particle set (overrides the one in --i).")] = "",
-    t: Annotated[str, Opt("--t", help="Tomogram set (overrides the one in --i).")] = "",
-    mot: Annotated[str, Opt("--mot", help="Trajectory set motion.star (overrides --i).")] = "",
-    ref1: Annotated[str, Opt("--ref1", help="Reference half map 1.")] = "",
-    ref2: Annotated[str, Opt("--ref2", help="Reference half map 2.")] = "",
-    mask: Annotated[str, Opt("--mask", help="Reference mask (multiplied into both halves).")] = "",
-    fsc: Annotated[str, Opt("--fsc", help="FSC table (postprocess.star, table fsc).")] = "",
-    freq_cutoff: Annotated[
-        float, Opt("--freq_cutoff", help="Explicit resolution cutoff in Å (negative: off).")
-    ] = -1.0,
-    fsc_thresh_width: Annotated[
-        float, Opt("--fsc_thresh_width", help="Cosine fall-off width after the last shell (shells).")
-    ] = 5.0,
-    use_snr_weight: Annotated[
-        bool, Opt("--use_SNR_weight", help="Weight shells by the reference SNR (else flat).")
-    ] = False,
-    b: Annotated[int, Opt("--b", help="Box size in tilt-series pixels (required).")] = 0,
-    r: Annotated[float, Opt("--r", help="Max. 2D position error in pixels (CC window).")] = 20.0,
-    j: Annotated[int, Opt("--j", help="CPU threads.")] = 6,
-    o: Annotated[str, Opt("--o", help="Output directory (required).")] = "",
-    only_do_unfinished: Annotated[
-        bool, Opt("--only_do_unfinished", help="Skip tomograms already finished in --o.")
-    ] = False,
-    per_frame_noise: Annotated[
-        bool, Opt("--per_frame_noise", help="Whiten each tilt with its own noise spectrum.")
-    ] = False,
-    diag: Annotated[bool, Opt("--diag", help="Write diagnostic images.")] = False,
-    shift_only: Annotated[bool, Opt("--shift_only", help="Only a rigid 2D shift per tilt.")] = False,
-    shift_only_by_particles: Annotated[
-        bool, Opt("--shift_only_by_particles", help="Shift-only from summed particle CCs.")
-    ] = False,
-    const_p: Annotated[bool, Opt("--const_p", help="Keep particle positions constant.")] = False,
-    const_a: Annotated[bool, Opt("--const_a", help="Keep the per-tilt angles constant.")] = False,
-    const_s: Annotated[bool, Opt("--const_s", help="Keep the per-tilt shifts constant.")] = False,
-    range_reg: Annotated[
-        float, Opt("--range_reg", help="Penalty weight for 2D displacements beyond --r.")
-    ] = 0.0,
-    aniso: Annotated[bool, Opt("--aniso", help="(RELION: no effect) rejected.")] = False,
-    per_tilt_aniso: Annotated[bool, Opt("--per_tilt_aniso", help="(RELION: no effect) rejected.")] = False,
-    it: Annotated[int, Opt("--it", help="Max. L-BFGS iterations.")] = 10000,
-    motion: Annotated[bool, Opt("--motion", help="Estimate per-particle 3D motion (GP prior).")] = False,
-    s_vel: Annotated[float, Opt("--s_vel", help="Velocity sigma, Å per e⁻/Å² of dose.")] = 0.5,
-    s_div: Annotated[float, Opt("--s_div", help="Divergence sigma (correlation length), Å.")] = 5000.0,
-    abs_params: Annotated[
-        bool, Opt("--abs_params", help="Do not scale the motion sigmas by the per-tilt dose.")
-    ] = False,
-    sq_exp_ker: Annotated[
-        bool, Opt("--sq_exp_ker", help="Squared-exponential instead of exponential kernel.")
-    ] = False,
-    max_ed: Annotated[int, Opt("--max_ed", help="Max. eigen-deformations kept (-1: all).")] = -1,
-    deformation: Annotated[bool, Opt("--deformation", help="Estimate 2D image deformations.")] = False,
-    def_w: Annotated[int, Opt("--def_w", help="Deformation grid points horizontally.")] = 3,
-    def_h: Annotated[int, Opt("--def_h", help="Deformation grid points vertically.")] = 3,
-    def_model: Annotated[
-        str, Opt("--def_model", help="Deformation model: linear, spline or Fourier.")
-    ] = "spline",
-    def_reg: Annotated[float, Opt("--def_reg", help="Deformation regulariser weight.")] = 0.0,
-    per_frame_deformation: Annotated[
-        bool, Opt("--per_frame_deformation", help="One deformation per tilt.")
-    ] = False,
-    def_shrink: Annotated[
-        float,
-        Opt("--def_shrink", help="polish3d: shrinkage of the deformation update at the particles (0: off)."),
-    ] = 0.01,
-    pad: Annotated[int, Opt("--pad", help="Fourier padding factor of the CC maps.")] = 1,
-    no_whiten: Annotated[bool, Opt("--no_whiten", help="Do not whiten (weights 1).")] = False,
-    whiten_abs: Annotated[bool, Opt("--whiten_abs", help="(RELION: no effect) ignored.")] = False,
-    hp: Annotated[float, Opt("--hp", help="Gaussian high-pass sigma in Fourier pixels (<=0 off).")] = -1.0,
-    srp: Annotated[float, Opt("--srp", help="Whitening weight × (i/N)^srp.")] = 0.0,
-    min_frame: Annotated[int, Opt("--min_frame", help="First dose rank used.")] = 0,
-    max_frame: Annotated[int, Opt("--max_frame", help="Last dose rank used (-1: last).")] = -1,
-    cutoff_fract: Annotated[
-        float, Opt("--cutoff_fract", help="Ignore Fourier pixels with relative weight below this.")
-    ] = 0.02,
-    theme: Annotated[str, Opt("--theme", help="Accepted for RELION compatibility; ignored.")] = "",
-    outer: Annotated[
-        int,
-        Opt("--outer", help="polish3d: max. CC-map passes (2nd+ at the refined geometry; 1: RELION-like)."),
-    ] = 3,
-    exact_passes: Annotated[
-        int,
-        Opt("--exact_passes", help="polish3d: passes of the final stage on the exact CC after the outer "
-            "iterations (no grid pins the result to the start; 0: off)."),
-    ] = 2,
-    device: Annotated[str, Opt("--device", help="polish3d: JAX platform: cpu, gpu or tpu.")] = "",
-    fsc_check: Annotated[
-        bool,
-        Opt("--fsc_check", help="polish3d: reconstruct the half maps from the input and the refined "
-            "geometry and report both FSCs (about doubles the run time)."),
-    ] = False,
-    workers: Annotated[
-        int,
-        Opt("--workers", help="polish3d: refine tomograms as tasks on a local Dask cluster of this many "
-            "worker processes, each with --j threads (0: in this process)."),
-    ] = 0,
-    scheduler: Annotated[
-        str,
-        Opt("--scheduler", help="polish3d: address of a running Dask scheduler (tcp://host:8786) whose "
-            "workers refine the tomograms."),
-    ] = "",
-    pipeline_control: Annotated[
-        str, Opt("--pipeline_control", help="RELION pipeline control directory.")
-    ] = "",
+    i: Flag.i = "",
+    p: Flag.p = "",
+    t: Flag.t = "",
+    mot: Flag.mot = "",
+    ref1: Flag.ref1 = "",
+    ref2: Flag.ref2 = "",
+    mask: Flag.mask = "",
+    fsc: Flag.fsc = "",
+    freq_cutoff: Flag.freq_cutoff = default("freq_cutoff_ang"),
+    fsc_thresh_width: Flag.fsc_thresh_width = default("fsc_thresh_width_shells"),
+    use_snr_weight: Flag.use_snr_weight = default("use_snr_weight"),
+    b: Flag.b = 0,
+    r: Flag.r = default("tomogram.r"),
+    j: Flag.j = default("threads"),
+    o: Flag.o = "",
+    only_do_unfinished: Flag.only_do_unfinished = False,
+    per_frame_noise: Flag.per_frame_noise = default("tomogram.per_frame_noise"),
+    diag: Flag.diag = False,
+    shift_only: Flag.shift_only = default("tomogram.shift_only"),
+    shift_only_by_particles: Flag.shift_only_by_particles = default("tomogram.shift_only_by_particles"),
+    const_p: Flag.const_p = default("tomogram.const_p"),
+    const_a: Flag.const_a = default("tomogram.const_a"),
+    const_s: Flag.const_s = default("tomogram.const_s"),
+    range_reg: Flag.range_reg = default("tomogram.range_reg"),
+    aniso: Flag.aniso = False,
+    per_tilt_aniso: Flag.per_tilt_aniso = False,
+    it: Flag.it = default("tomogram.it"),
+    motion: Flag.motion = default("motion") is not None,
+    s_vel: Flag.s_vel = default("motion.s_vel"),
+    s_div: Flag.s_div = default("motion.s_div"),
+    abs_params: Flag.abs_params = default("motion.abs_params"),
+    sq_exp_ker: Flag.sq_exp_ker = default("motion.sq_exp_ker"),
+    max_ed: Flag.max_ed = default("motion.max_ed"),
+    deformation: Flag.deformation = default("deformation") is not None,
+    def_w: Flag.def_w = default("deformation.grid")[0],
+    def_h: Flag.def_h = default("deformation.grid")[1],
+    def_model: Flag.def_model = default("deformation.model"),
+    def_reg: Flag.def_reg = default("deformation.reg"),
+    per_frame_deformation: Flag.per_frame_deformation = default("deformation.per_tilt"),
+    def_shrink: Flag.def_shrink = default("deformation.shrink"),
+    pad: Flag.pad = 1,
+    no_whiten: Flag.no_whiten = not default("tomogram.whiten"),
+    whiten_abs: Flag.whiten_abs = False,
+    hp: Flag.hp = default("tomogram.hp"),
+    srp: Flag.srp = default("tomogram.srp"),
+    min_frame: Flag.min_frame = default("tomogram.min_frame"),
+    max_frame: Flag.max_frame = default("tomogram.max_frame"),
+    cutoff_fract: Flag.cutoff_fract = default("tomogram.cutoff_fract"),
+    theme: Flag.theme = "",
+    outer: Flag.outer = default("tomogram.outer"),
+    exact_passes: Flag.exact_passes = default("tomogram.exact_passes"),
+    device: Flag.device = "",
+    fsc_check: Flag.fsc_check = default("fsc_check"),
+    workers: Flag.workers = default("workers"),
+    scheduler: Flag.scheduler = default("scheduler"),
+    pipeline_control: Flag.pipeline_control = "",
 ) -> None:
     """Refine per-tilt 5-DOF projections and particle positions (relion_tomo_align)."""
-    from polish3d.align import run_from_cli  # (``polish3d.align`` is the API function)
+    from polish3d.relion_job import run_job
 
-    options = {k: v for k, v in locals().items() if k not in ("ctx", "run_from_cli")}
-    _run(lambda: run_from_cli(options, ctx.args, sys.argv))
+    flags = dict(ctx.params)
+    _run(lambda: run_job(o, bool(pipeline_control), ctx.args, lambda job, mode: _align(flags, job, mode)))
+
+
+#: flags that set an option of :class:`polish3d.config.RefineConfig` one to one: flag → option path
+#: (``--no_whiten``, ``--def_w``/``--def_h``, ``--motion`` and ``--deformation`` are mapped in
+#: :func:`refine_config`)
+OPTION_OF_FLAG = {
+    "--b": "tomogram.box", "--r": "tomogram.r", "--const_p": "tomogram.const_p",
+    "--const_a": "tomogram.const_a", "--const_s": "tomogram.const_s", "--range_reg": "tomogram.range_reg",
+    "--it": "tomogram.it", "--per_frame_noise": "tomogram.per_frame_noise", "--srp": "tomogram.srp",
+    "--hp": "tomogram.hp", "--cutoff_fract": "tomogram.cutoff_fract", "--min_frame": "tomogram.min_frame",
+    "--max_frame": "tomogram.max_frame", "--shift_only": "tomogram.shift_only",
+    "--shift_only_by_particles": "tomogram.shift_only_by_particles", "--outer": "tomogram.outer",
+    "--exact_passes": "tomogram.exact_passes",
+    "--s_vel": "motion.s_vel", "--s_div": "motion.s_div", "--abs_params": "motion.abs_params",
+    "--sq_exp_ker": "motion.sq_exp_ker", "--max_ed": "motion.max_ed",
+    "--def_model": "deformation.model", "--def_reg": "deformation.reg",
+    "--per_frame_deformation": "deformation.per_tilt", "--def_shrink": "deformation.shrink",
+    "--freq_cutoff": "freq_cutoff_ang", "--fsc_thresh_width": "fsc_thresh_width_shells",
+    "--use_SNR_weight": "use_snr_weight", "--j": "threads", "--workers": "workers",
+    "--scheduler": "scheduler", "--fsc_check": "fsc_check",
+}
+#: how an option path is written in a message of the command line
+FLAG_OF_OPTION = {
+    **{path: flag for flag, path in OPTION_OF_FLAG.items()},
+    "tomogram.whiten": "--no_whiten", "deformation.grid": "--def_w/--def_h", "motion": "--motion",
+    "deformation": "--deformation", "device": "--device",
+}
+
+
+def refine_config(flags: dict):
+    """The :class:`polish3d.config.RefineConfig` of the ``polish3d align`` flags (parameter names).
+
+    Motion and deformation options are checked even when ``--motion``/``--deformation`` are off,
+    so that a bad value is never ignored silently.
+
+    Raises:
+        OptionError: a bad value (naming the option path; :func:`_align` words it as the flag).
+        InputError: an unknown ``--def_model`` or a grid it cannot use.
+    """
+    from polish3d.config import SECTIONS, RefineConfig, check_deformation, check_motion
+
+    values: dict[str, dict] = {"": {}, **{section: {} for section in SECTIONS}}
+    for flag, path in OPTION_OF_FLAG.items():
+        section, _, name = path.rpartition(".")
+        values[section][name] = flags[flag[2:].lower()]
+    values["tomogram"]["whiten"] = not flags["no_whiten"]
+    values["deformation"]["grid"] = (flags["def_w"], flags["def_h"])
+    motion = SECTIONS["motion"](**values["motion"])
+    try:
+        deformation = SECTIONS["deformation"](**values["deformation"])
+    except ValueError as exc:
+        raise InputError(f"--def_model/--def_w/--def_h: {exc}") from None
+    check_motion(motion)
+    check_deformation(deformation)
+    return RefineConfig(
+        SECTIONS["tomogram"](**values["tomogram"]),
+        motion=motion if flags["motion"] else None,
+        deformation=deformation if flags["deformation"] else None,
+        **values[""],
+    )
+
+
+def _align(flags: dict, job: dict[str, str], pipeline: bool):
+    """Check the flags that are not options, make the config, run :func:`polish3d.driver.align`."""
+    import shlex
+
+    from polish3d.config import OptionError
+    from polish3d.driver import AlignInputs, align
+    from polish3d.relion_job import job_inputs
+
+    inputs = job_inputs(AlignInputs(**{k: flags[k] for k in ("i", "p", "t", "mot", "ref1", "ref2", "mask",
+                                                             "fsc")}), job)
+    if not (inputs.i or inputs.p or inputs.t):
+        raise InputError("no input: give --i optimisation_set.star (or --p, --t, --ref1, --ref2)")
+    if flags["b"] <= 0:
+        raise InputError(f"--b {flags['b']}: the box size in pixels is required and must be positive")
+    if flags["aniso"] or flags["per_tilt_aniso"]:
+        raise InputError(
+            "--aniso/--per_tilt_aniso have no effect in RELION 5 and are not implemented in "
+            "polish3d; drop the flag (per-tilt magnification is refined by `polish3d fiducials`)"
+        )
+    _warn_ignored(flags)
+    try:
+        config = refine_config(flags)
+        if flags["device"]:
+            from polish3d.api import select_device
+
+            select_device(flags["device"])
+        command = " ".join(shlex.quote(a) for a in ["polish3d", *sys.argv[1:]])
+        return align(inputs, flags["o"], config, only_do_unfinished=flags["only_do_unfinished"],
+                     command_line=command, write_note=not flags["pipeline_control"],
+                     pipeline_markers=pipeline)
+    except OptionError as exc:
+        raise InputError(exc.worded(lambda path: FLAG_OF_OPTION.get(path, path))) from None
+
+
+def _warn_ignored(flags: dict) -> None:
+    if flags["pad"] < 1:
+        raise InputError(f"--pad {flags['pad']}: expected a padding factor >= 1")
+    if flags["pad"] != 1:
+        logging.getLogger("polish3d").warning(
+            "--pad %s: polish3d interpolates the CC maps with an exact bicubic kernel; Fourier "
+            "padding is not needed and is ignored (RELION's --pad != 1 is biased, see docs)", flags["pad"],
+        )
+    if flags["whiten_abs"]:
+        logging.getLogger("polish3d").warning("--whiten_abs has no effect (as in RELION)")
 
 
 def _run(fn) -> None:
@@ -186,8 +319,8 @@ def _run(fn) -> None:
     """
     import click
 
-    from polish3d.align import error_summary
     from polish3d.errors import Terminated
+    from polish3d.output_folder import error_summary
 
     try:
         fn()
@@ -234,3 +367,7 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+
+if __name__ == "__main__":
+    main()

@@ -13,10 +13,12 @@ scheduler (up to ``distributed.scheduler.allowed-failures`` times); a task that 
 is reported and the others go on.
 
 Threads: every local worker is pinned to ``threads`` CPU cores of its own (XLA sizes its thread
-pool from the process's CPU affinity; host BLAS from ``OPENBLAS_NUM_THREADS``), so that
-``workers × threads`` matches the cores. Workers of an external cluster get the BLAS limit and
-keep the affinity their launcher gave them (``dask worker --nthreads 1`` and the batch system's
-core binding).
+pool from the process's CPU affinity), so that ``workers × threads`` matches the cores. Host BLAS
+runs one thread per worker: the Dask nanny starts every worker process with
+``OPENBLAS_NUM_THREADS=1`` (and ``OMP``/``MKL``; ``distributed.nanny.pre-spawn-environ``), before
+NumPy loads — the same limit the command line sets for itself (:mod:`polish3d.cli`). Workers of
+an external cluster keep the affinity their launcher gave them (``dask worker --nthreads 1`` and
+the batch system's core binding).
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ class ClusterOptions:
 def limit_threads(threads: int, cores: list[int] | None = None) -> None:
     """Limit this process to ``threads`` CPU threads; call before JAX starts.
 
-    Sets the BLAS/OpenMP thread variables and, when ``cores`` is given, pins the process to those
-    CPU cores (XLA's CPU thread pool is sized from the affinity mask).
+    Sets the BLAS/OpenMP thread variables (read by libraries loaded from now on; NumPy's OpenBLAS,
+    already loaded in a Dask worker, keeps the nanny's limit of 1) and, when ``cores`` is given,
+    pins the process to those CPU cores (XLA's CPU thread pool is sized from the affinity mask).
     """
     for name in _THREAD_VARIABLES:
         os.environ[name] = str(threads)

@@ -7,6 +7,11 @@ are run on it and scored against the truth.
 
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -61,10 +66,21 @@ def test_public_names():
     assert polish3d.simulate is api.simulate
     assert polish3d.score is api.score
     assert polish3d.align_fiducials is polish3d.fiducials.align_fiducials
-    from polish3d.align import run_from_cli  # the submodule stays importable
-
-    assert callable(run_from_cli)
+    score_module = importlib.import_module("polish3d.score")  # importing the submodule …
+    assert score_module is not api.score and polish3d.score is api.score  # … keeps the function
     assert polish3d.AlignConfig(box=32).r == 20.0
+    assert polish3d.RefineConfig.build(32, r=8).tomogram == polish3d.AlignConfig(box=32, r=8.0)
+
+
+def test_import_is_light_and_the_cli_limits_blas_before_numpy_loads():
+    code = ("import os, sys, polish3d\n"
+            "assert 'numpy' not in sys.modules and 'jax' not in sys.modules, 'import polish3d is heavy'\n"
+            "assert 'OPENBLAS_NUM_THREADS' not in os.environ, 'import polish3d sets thread limits'\n"
+            "import polish3d.cli\n"
+            "assert os.environ['OPENBLAS_NUM_THREADS'] == '1'\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
 
 
 def test_simulate(sim):
@@ -172,11 +188,13 @@ def test_align_options_are_validated(sim, tmp_path):
         polish3d.align(sim.optimisation_set, tmp_path, box=32)  # --r 20 does not fit in box 32
 
 
-def test_make_align_config_maps_flag_names():
-    c = polish3d.make_align_config(64, r=10, no_whiten=True, const_a=True, it=50, blur_px=2)
-    assert (c.box, c.r, c.whiten, c.const_a, c.it, c.blur_px) == (64, 10.0, False, True, 50, (2.0,))
-    d = polish3d.make_align_config(64)
-    assert d == polish3d.AlignConfig(box=64)  # defaults of the CLI = defaults of AlignConfig
+def test_config_argument_and_keywords_build_the_same_run(sim, tmp_path):
+    config = polish3d.RefineConfig(polish3d.AlignConfig(box=32, r=8, outer=1, shift_only=True))
+    assert config == polish3d.RefineConfig.build(32, r=8, outer=1, shift_only=True)
+    with pytest.raises(TypeError, match="given with a RefineConfig"):
+        polish3d.align(sim.optimisation_set, tmp_path, config, outer=2)
+    with pytest.raises(TypeError, match="box"):
+        polish3d.align(sim.optimisation_set, tmp_path, r=8)
 
 
 def test_score_identity_and_result(sim):

@@ -217,17 +217,14 @@ def test_bad_flag_values(root, flags, needles):
 
 
 def test_r_rule_is_the_stated_rule():
-    from polish3d.align import check_window
-    from polish3d.api import make_align_config
-    from polish3d.errors import InputError
+    from polish3d.cli import FLAG_OF_OPTION
+    from polish3d.config import OptionError, RefineConfig
 
-    check_window(12.9, 32)
+    assert RefineConfig.build(32, r=12.9).tomogram.r == 12.9
     for r in (13.0, 13.5):
-        with pytest.raises(InputError, match="< --b/2 − 3"):
-            check_window(r, 32)
-        with pytest.raises(InputError, match="r < box/2 − 3"):
-            make_align_config(32, r=r)
-    assert make_align_config(32, r=12.5).r == 12.5
+        with pytest.raises(OptionError, match="tomogram.r < tomogram.box/2 − 3") as e:
+            RefineConfig.build(32, r=r)
+        assert "--r < --b/2 − 3 = 13 for --b 32" in e.value.worded(FLAG_OF_OPTION.get)
 
 
 def test_single_dash_option_is_not_dropped(root):
@@ -412,16 +409,15 @@ def _fake_refinement(monkeypatch, fault=None):
 def test_faults_during_the_run(root, tmp_path, monkeypatch, fault, code, needle):
     """A fault while the run writes: its exit code, one line, the failure marker, the log line,
     the lock released, no STAR output."""
-    import importlib
+    from polish3d import output_folder
 
-    align_module = importlib.import_module("polish3d.align")  # (polish3d.align is also the function)
     if isinstance(fault, OSError):  # the disk fills up while the outputs are written
         _fake_refinement(monkeypatch)
 
         def full(*args, **kwargs):
             raise fault
 
-        monkeypatch.setattr(align_module, "_write_outputs", full)
+        monkeypatch.setattr(output_folder, "write_outputs", full)
     else:
         _fake_refinement(monkeypatch, fault)
     out = tmp_path / "job"
@@ -484,12 +480,13 @@ def test_second_run_on_a_locked_folder_refuses(root, refined):
 
 
 def test_lock_held_by_a_live_process(tmp_path):
-    from polish3d.align import OutputLock
+    from polish3d.output_folder import OutputLock
 
     with OutputLock(tmp_path / "o"):
         assert (tmp_path / "o/.polish3d.lock").read_text().split()[0] == str(os.getpid())
         code = (
-            "import sys; from polish3d.align import OutputLock; from polish3d.errors import OutputRefused\n"
+            "import sys; from polish3d.output_folder import OutputLock\n"
+            "from polish3d.errors import OutputRefused\n"
             f"try:\n    OutputLock({str(tmp_path / 'o')!r}).__enter__()\nexcept OutputRefused as e:\n"
             "    print(e); sys.exit(3)\n"
         )
@@ -563,28 +560,28 @@ def test_resume_recomputes_what_no_longer_matches(root, refined):
     text = run()
     assert "temp/TS_01.npz is not an .npz archive (truncated or damaged); recomputing" in text
     text = run("--const_a")
-    assert "temp/TS_01.npz was made with other --const_a; recomputing" in text
+    assert "temp/TS_01.npz was made with other tomogram.const_a; recomputing" in text
     assert "already finished" not in text
     assert "TS_01 already finished; skipped" in run("--const_a")
     text = run()  # back to the defaults: the stored --const_a result is not reused
-    assert "was made with other --const_a" in text
+    assert "was made with other tomogram.const_a" in text
 
 
 def test_resume_record_follows_the_inputs(root, tmp_path):
-    from polish3d.align import _result_record
     from polish3d.io import read_optimisation_set, read_particle_set, read_tomogram_set
+    from polish3d.tomogram_jobs import result_record
 
     opt = read_optimisation_set(root / "sim/optimisation_set.star")
     tset = read_tomogram_set(opt.tomograms_file)
     ts = tset.tilt_series("TS_01")
     parts = read_particle_set(opt.particles_file).for_tomogram(ts)
-    base = _result_record({"--b": 32}, {"reference half map 1 (checksum)": "x"}, ts, parts)
-    assert base == _result_record({"--b": 32}, {"reference half map 1 (checksum)": "x"}, ts, parts)
+    base = result_record({"--b": 32}, {"reference half map 1 (checksum)": "x"}, ts, parts)
+    assert base == result_record({"--b": 32}, {"reference half map 1 (checksum)": "x"}, ts, parts)
     moved = parts.replace(positions_px=parts.positions_px + np.array([0.0, 0.0, 0.5]))
-    rec = _result_record({"--b": 32}, {"reference half map 1 (checksum)": "x"}, ts, moved)
+    rec = result_record({"--b": 32}, {"reference half map 1 (checksum)": "x"}, ts, moved)
     assert [k for k in rec if rec[k] != base[k]] == ["particles of this tomogram"]
     tilted = ts.replace(defocus_u_ang=ts.defocus_u_ang + 1.0)
-    rec = _result_record({"--b": 32}, {"reference half map 1 (checksum)": "x"}, tilted, parts)
+    rec = result_record({"--b": 32}, {"reference half map 1 (checksum)": "x"}, tilted, parts)
     assert [k for k in rec if rec[k] != base[k]] == ["tilt series (geometry, CTF, dose, image files)"]
 
 
@@ -678,8 +675,8 @@ def test_large_nan_patch_boxes_left_out(root, tmp_path):
 def test_output_folder_rules(tmp_path):
     """Unit: what check_output_folder accepts (a folder holding inputs under other names) and
     refuses (an input in temp/, an output name that is an input)."""
-    from polish3d.align import check_output_folder
     from polish3d.errors import OutputRefused
+    from polish3d.output_folder import check_output_folder
 
     project = tmp_path / "project"
     (project / "Extract/job010").mkdir(parents=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import edit_tilt_table, one_line
 
 from polish3d.errors import InputError
 from polish3d.io import (
@@ -27,26 +28,13 @@ RELION = Path(__file__).resolve().parent / "data" / "relion"
 SYN = RELION / "relion5-run-synthetic"
 
 
-def _one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg
-    return msg
-
-
-def _edit_tilt_table(project: Path, edit) -> Path:
-    f = project / "tilt_series/TS_01.star"
-    t = read_star(f)["TS_01"]
-    write_star(f, {"TS_01": edit(t)})
-    return project / "tomograms.star"
-
-
 # --------------------------------------------------------------------------- missing files
 
 
 def test_missing_star_file(tmp_path):
     with pytest.raises(InputError, match="nope.star") as e:
         read_star(tmp_path / "nope.star")
-    _one_line(e)
+    one_line(e)
     with pytest.raises(InputError, match="nope.star"):
         read_optimisation_set(tmp_path / "nope.star")
 
@@ -56,7 +44,7 @@ def test_missing_per_tilt_file(small_project):
     (out / "tilt_series/TS_01.star").unlink()
     with pytest.raises(InputError) as e:
         read_tomogram_set(out / "tomograms.star", project_dir=out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "tilt_series/TS_01.star" in msg and "referenced from" in msg and "tomograms.star" in msg
 
 
@@ -64,7 +52,7 @@ def test_missing_image_file():
     s = read_tomogram_set(SYN / "input/tomograms.star", project_dir=SYN / "input")
     with pytest.raises(InputError) as e:
         s.tilt_series("TS_01", load_images=True)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "tilt_series/TS_01.mrcs" in msg and "referenced from" in msg
     assert msg.rstrip(")").endswith("input/tilt_series/TS_01.star")
     # without images the tomogram size stands in (documented fallback)
@@ -76,7 +64,7 @@ def test_unparseable_star(tmp_path):
     f.write_text("data_x\n\nloop_\n_rlnA #1\n_rlnB #2\n1 2\n3 4 5 6\n")
     with pytest.raises(InputError, match="bad.star") as e:
         read_star(f)
-    _one_line(e)
+    one_line(e)
 
 
 def test_not_an_optimisation_set(tmp_path):
@@ -91,10 +79,10 @@ def test_not_an_optimisation_set(tmp_path):
 @pytest.mark.parametrize("column", ["rlnMicrographPreExposure", "rlnDefocusU", "rlnDefocusAngle"])
 def test_missing_mandatory_tilt_column(small_project, column):
     out, _, _ = small_project()
-    tomos = _edit_tilt_table(out, lambda t: t.drop(columns=[column]))
+    tomos = edit_tilt_table(out, lambda t: t.drop(columns=[column]))
     with pytest.raises(InputError) as e:
         read_tomogram_set(tomos, project_dir=out).tilt_series("TS_01")
-    msg = _one_line(e)
+    msg = one_line(e)
     assert column in msg and "TS_01.star" in msg and "data_TS_01" in msg
 
 
@@ -114,7 +102,7 @@ def test_missing_half_set_column(small_project):
     ps = read_particle_set(out / "particles.star")
     with pytest.raises(InputError) as e:
         ps.for_tomogram(ts)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "particles.star" in msg and "rlnRandomSubset" in msg and "data_particles" in msg
     assert ps.for_tomogram(ts, require_half_set=False).half_set.tolist() == [1, 1, 1, 1]
 
@@ -154,7 +142,7 @@ def test_tilt_count_mismatch_stack(small_project):
     write_stack(out / "tilt_series/TS_01.mrcs", np.zeros((4, 30, 32), np.float32), 10.0)
     with pytest.raises(InputError) as e:
         read_tomogram_set(out / "tomograms.star", project_dir=out).tilt_series("TS_01")
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "tilt-count mismatch" in msg and "TS_01.mrcs" in msg and "4 images" in msg
 
 
@@ -190,10 +178,10 @@ def test_non_finite_geometry(small_project, column):
         t.loc[2, column] = np.nan
         return t
 
-    tomos = _edit_tilt_table(out, poison)
+    tomos = edit_tilt_table(out, poison)
     with pytest.raises(InputError) as e:
         read_tomogram_set(tomos, project_dir=out).tilt_series("TS_01")
-    msg = _one_line(e)
+    msg = one_line(e)
     assert column in msg and "row 3" in msg and "TS_01.star" in msg
 
 
@@ -206,7 +194,7 @@ def test_non_finite_matrix(small_project):
         t.loc[1, "rlnTomoProjY"] = "[nan,0,0,1]"
         return t
 
-    tomos = _edit_tilt_table(out, add_matrix)
+    tomos = edit_tilt_table(out, add_matrix)
     with pytest.raises(InputError, match="non-finite value in rlnTomoProj"):
         read_tomogram_set(tomos, project_dir=out).tilt_series("TS_01")
 
@@ -243,7 +231,7 @@ def test_duplicate_particle_names(small_project):
     write_star(out / "particles.star", blocks)
     with pytest.raises(InputError) as e:
         read_particle_set(out / "particles.star")
-    assert "duplicate rlnTomoParticleName TS_01/1" in _one_line(e)
+    assert "duplicate rlnTomoParticleName TS_01/1" in one_line(e)
 
 
 def test_duplicate_tomogram_names(small_project):
@@ -277,7 +265,7 @@ def test_unreadable_mrc(tmp_path):
         for fn in (open_stack, read_map):
             with pytest.raises(InputError, match=f.name) as e:
                 fn(f)
-            _one_line(e)
+            one_line(e)
     with pytest.raises(InputError, match="short.mrc"):
         image_size(short)
     with pytest.raises(InputError, match="not found"):

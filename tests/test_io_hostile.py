@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import edit_tilt_table, one_line
 
 from polish3d import geometry
 from polish3d.errors import InputError
@@ -16,20 +17,6 @@ from polish3d.io import read_particle_set, read_star, read_tomogram_set, write_s
 from polish3d.io.relion import EULER_LABELS, PROJ_LABELS, TILT_ANGLE_LABELS, TILT_SHIFT_LABELS
 
 RELION_FIXTURES = Path(__file__).resolve().parent / "data" / "relion"
-
-
-def _one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg
-    assert "np.float64" not in msg and "np.int64" not in msg
-    return msg
-
-
-def _edit_tilt_table(project: Path, edit) -> Path:
-    f = project / "tilt_series/TS_01.star"
-    t = read_star(f)["TS_01"]
-    write_star(f, {"TS_01": edit(t)})
-    return project / "tomograms.star"
 
 
 def _edit_global(project: Path, column: str, value) -> Path:
@@ -66,7 +53,7 @@ def test_missing_shift_columns_are_zero_with_a_warning(small_project, caplog, dr
     its angles: the shifts default to 0 Å with a warning naming the file and the columns."""
     out, ts, _ = small_project()
     table = read_star(out / "tilt_series/TS_01.star")["TS_01"]
-    _edit_tilt_table(out, lambda t: t.drop(columns=list(drop)))
+    edit_tilt_table(out, lambda t: t.drop(columns=list(drop)))
     with caplog.at_level(logging.WARNING, logger="polish3d"):
         got = _read(out)
     warned = [r.getMessage() for r in caplog.records if "0 Å" in r.getMessage()]
@@ -84,9 +71,9 @@ def test_missing_shift_columns_are_zero_with_a_warning(small_project, caplog, dr
 def test_angles_without_shifts_point_where_the_angles_say(small_project):
     """End to end: with zero true shifts, dropping the shift columns loses nothing."""
     out, ts, _ = small_project()
-    _edit_tilt_table(out, lambda t: t.assign(rlnTomoXShiftAngst=0.0, rlnTomoYShiftAngst=0.0))
+    edit_tilt_table(out, lambda t: t.assign(rlnTomoXShiftAngst=0.0, rlnTomoYShiftAngst=0.0))
     full = _read(out)
-    _edit_tilt_table(out, lambda t: t.drop(columns=list(TILT_SHIFT_LABELS)))
+    edit_tilt_table(out, lambda t: t.drop(columns=list(TILT_SHIFT_LABELS)))
     x = np.array([[20.0, 18.0, 10.0], [5.0, 30.0, 2.0]])
     np.testing.assert_allclose(
         geometry.project_points(_read(out).projections, x),
@@ -98,20 +85,20 @@ def test_angles_without_shifts_point_where_the_angles_say(small_project):
 @pytest.mark.parametrize("column", TILT_ANGLE_LABELS)
 def test_missing_angle_column_is_an_error(small_project, column):
     out, _, _ = small_project()
-    _edit_tilt_table(out, lambda t: t.drop(columns=[column]))
+    edit_tilt_table(out, lambda t: t.drop(columns=[column]))
     with pytest.raises(InputError) as e:
         _read(out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert f"missing column {column}" in msg
     assert "tilt_series/TS_01.star" in msg and "data_TS_01" in msg
 
 
 def test_shifts_without_angles_is_an_error(small_project):
     out, _, _ = small_project()
-    _edit_tilt_table(out, lambda t: t.drop(columns=list(TILT_ANGLE_LABELS)))
+    edit_tilt_table(out, lambda t: t.drop(columns=list(TILT_ANGLE_LABELS)))
     with pytest.raises(InputError) as e:
         _read(out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "missing column rlnTomoXTilt" in msg and "rlnTomoXShiftAngst" in msg
     assert "TS_01.star" in msg
 
@@ -124,10 +111,10 @@ def test_incomplete_projection_matrices_are_an_error(small_project):
             t[lab] = [list(ts.projections[j, r]) for j in range(len(t))]
         return t
 
-    _edit_tilt_table(out, add_some)
+    edit_tilt_table(out, add_some)
     with pytest.raises(InputError) as e:
         _read(out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "rlnTomoProjW missing" in msg and "TS_01.star" in msg
 
 
@@ -142,7 +129,7 @@ def test_matrices_take_precedence_over_euler_columns(small_project):
             t[lab] = [list(p[j, r]) for j in range(len(t))]
         return t.drop(columns=list(TILT_SHIFT_LABELS))
 
-    _edit_tilt_table(out, add)
+    edit_tilt_table(out, add)
     np.testing.assert_allclose(_read(out).projections, p, atol=1e-9)
 
 
@@ -155,17 +142,17 @@ def test_unaligned_table_is_an_error(small_project):
         t["rlnTomoNominalStageTiltAngle"] = np.linspace(-30, 30, len(t))
         return t
 
-    _edit_tilt_table(out, unaligned)
+    edit_tilt_table(out, unaligned)
     with pytest.raises(InputError) as e:
         _read(out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "not been aligned" in msg and "rlnTomoNominalStageTiltAngle" in msg
     assert "TS_01.star" in msg
 
 
 def test_no_geometry_at_all_is_identity_with_a_warning(small_project, caplog):
     out, _, _ = small_project()
-    _edit_tilt_table(out, lambda t: t.drop(columns=list(EULER_LABELS)))
+    edit_tilt_table(out, lambda t: t.drop(columns=list(EULER_LABELS)))
     with caplog.at_level(logging.WARNING, logger="polish3d"):
         ts = _read(out)
     assert "identity" in caplog.text and "TS_01.star" in caplog.text
@@ -195,7 +182,7 @@ def test_bad_pixel_size_in_tomograms_star(small_project, value):
     _edit_global(out, "rlnTomoTiltSeriesPixelSize", value)
     with pytest.raises(InputError) as e:
         read_tomogram_set(out / "tomograms.star", project_dir=out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "tomograms.star (block data_global): column rlnTomoTiltSeriesPixelSize" in msg
     if np.isfinite(value):
         assert f"must be a positive pixel size in Å/px, got {value}" in msg
@@ -222,7 +209,7 @@ def test_zero_tomogram_size(small_project, column):
     _edit_global(out, column, 0)
     with pytest.raises(InputError) as e:
         read_tomogram_set(out / "tomograms.star", project_dir=out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert f"column {column} must be a positive tomogram size in pixels, got 0" in msg
 
 
@@ -235,7 +222,7 @@ def test_bad_pixel_size_in_optics(small_project, value):
     write_star(out / "particles.star", blocks)
     with pytest.raises(InputError) as e:
         read_particle_set(out / "particles.star")
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "particles.star (block data_optics)" in msg
     assert f"rlnTomoTiltSeriesPixelSize must be a positive pixel size in Å/px, got {value}" in msg
     # and where the pixel sizes are used, for a set changed in memory
@@ -258,7 +245,7 @@ def test_truncated_last_row_of_a_tilt_table(small_project):
     f.write_text("\n".join(lines[:-1] + [cut]) + "\n")
     with pytest.raises(InputError) as e:
         read_tomogram_set(out / "tomograms.star", project_dir=out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "TS_01.star" in msg and "data_TS_01" in msg and f"line {n_lines}" in msg
     assert "truncated row" in msg and "cut short" in msg
     assert "non-finite" not in msg
@@ -273,7 +260,7 @@ def test_short_row_inside_a_particle_table(small_project):
     f.write_text("\n".join(lines))
     with pytest.raises(InputError) as e:
         read_particle_set(f)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert f"particles.star (block data_particles), line {k + 1}: short row" in msg
     assert "cut short" not in msg
 
@@ -296,10 +283,10 @@ def test_non_numeric_value_is_printed_plainly(small_project):
         t.loc[1, "rlnDefocusV"] = "nan"
         return t
 
-    _edit_tilt_table(out, poison)
+    edit_tilt_table(out, poison)
     with pytest.raises(InputError) as e:
         _read(out)
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "column rlnDefocusV has a non-finite or non-numeric value nan in row 2" in msg
 
 

@@ -310,7 +310,8 @@ def test_no_motion_stays_near_zero():
 def test_align_with_motion_writes_trajectories(tmp_path):
     import plyfile
 
-    from polish3d.align import AlignInputs, align
+    from polish3d.config import RefineConfig
+    from polish3d.driver import AlignInputs, align
     from polish3d.io import relion
     from polish3d.simulate import SimulationConfig, simulate
 
@@ -322,8 +323,8 @@ def test_align_with_motion_writes_trajectories(tmp_path):
     sim = simulate(cfg, tmp_path / "sim")
     out = tmp_path / "out"
     res = align(AlignInputs(i=str(sim.optimisation_set)), out,
-                AlignConfig(box=32, r=6, outer=1, blur_px=(0.0,)),
-                motion=motion.MotionConfig(s_vel=2.0, s_div=200.0))
+                RefineConfig(AlignConfig(box=32, r=6, outer=1, blur_px=(0.0,)),
+                             motion=motion.MotionConfig(s_vel=2.0, s_div=200.0)))
     r = res.results["TS_01"]
     ts = sim.tilt_series[0]
     assert r.trajectories_px.shape == (8, ts.n_tilts, 3)

@@ -322,7 +322,8 @@ def test_unreadable_input_still_renders(runs, tmp_path):
 def test_report_of_a_real_align_run(tmp_path, monkeypatch):
     """A tiny real ``align`` run, reported from another working folder: the 2D displacements the
     report computes from the written STAR files equal those the refiner measured internally."""
-    from polish3d.align import AlignInputs, align
+    from polish3d.config import RefineConfig
+    from polish3d.driver import AlignInputs, align
     from polish3d.refine.tomogram import AlignConfig
 
     project = tmp_path / "project"
@@ -331,7 +332,7 @@ def test_report_of_a_real_align_run(tmp_path, monkeypatch):
                               pixel_size_ang=PX, seed=5), project)
     monkeypatch.chdir(project)
     command = "polish3d align --i optimisation_set.star --b 32 --r 6 --j 1 --o Polish/job001/"
-    align(AlignInputs(i="optimisation_set.star"), "Polish/job001/", AlignConfig(box=32, r=6.0),
+    align(AlignInputs(i="optimisation_set.star"), "Polish/job001/", RefineConfig(AlignConfig(box=32, r=6.0)),
           command_line=command)
     monkeypatch.chdir(tmp_path)
     out = project / "Polish" / "job001"
