@@ -327,7 +327,7 @@ def align(
             if write_note and command_line:
                 output_folder.atomic_write_text(out_dir / "note.txt", f"Command:\n\n{command_line}\n")
             outcome = _refine_and_write(inputs, run, references, out_dir, config, only_do_unfinished,
-                                        t_start)
+                                        t_start, pipeline=pipeline_markers)
             if pipeline_markers:
                 output_folder.write_marker(out_dir, True)
             return outcome
@@ -344,10 +344,11 @@ def align(
 
 
 def _refine_and_write(inputs, run: RunInputs, references, out_dir: Path, config: RefineConfig,
-                      only_do_unfinished: bool, t_start: float) -> AlignOutcome:
+                      only_do_unfinished: bool, t_start: float, pipeline: bool = False) -> AlignOutcome:
     """Refine what is not finished yet, write the outputs, ``metrics.json`` and the report."""
     from polish3d.io import mrc
     from polish3d.io.jsonsafe import json_safe
+    from polish3d.progress import Progress
 
     refs_ft, (idx, fsc) = references
     if run.fsc_file:
@@ -355,7 +356,8 @@ def _refine_and_write(inputs, run: RunInputs, references, out_dir: Path, config:
     _log_configuration(config)
     jobs, results, skipped, not_refined = _plan_jobs(run, np.asarray(refs_ft), idx, fsc, out_dir, config,
                                                      only_do_unfinished)
-    refined, failed = tomogram_jobs.run_jobs(jobs, config)
+    with Progress(len(jobs), pipeline=pipeline) as progress:
+        refined, failed = tomogram_jobs.run_jobs(jobs, config, progress)
     results.update(refined)
     not_refined.update(failed)
     if not results:

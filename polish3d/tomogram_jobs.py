@@ -23,6 +23,7 @@ import numpy as np
 from polish3d.errors import InputError
 from polish3d.model import TomogramResult
 from polish3d.output_folder import error_summary
+from polish3d.progress import log_progress
 
 if TYPE_CHECKING:
     from polish3d.config import RefineConfig
@@ -112,18 +113,20 @@ class TomogramJob:
         return self.ts.name
 
 
-def run_job(job: TomogramJob, envelopes: dict | None = None) -> str:
+def run_job(job: TomogramJob, envelopes: dict | None = None,
+            report: Callable[..., None] | None = None) -> str:
     """Refine one tomogram and store the result in the resume store of ``job.out_dir``.
 
     Returns ``""`` when stored, else why the tomogram keeps its input geometry. Runs in the
     driver (serial) or on a Dask worker; the driver reads the result back from the store.
-    ``envelopes`` caches the reference envelope per pixel size across the jobs of one process.
+    ``envelopes`` caches the reference envelope per pixel size across the jobs of one process;
+    ``report`` receives the progress events (default: plain log lines, as on a Dask worker).
     """
     from polish3d.io.resume import save_result
 
     log.info("Tomogram %d / %d: %s (%d particles, %d tilts, %d×%d px)", job.number, job.total, job.name,
              job.parts.n_particles, job.ts.n_tilts, *job.ts.image_size_px)
-    res = _refine_from_files(job, {} if envelopes is None else envelopes)
+    res = _refine_from_files(job, {} if envelopes is None else envelopes, report)
     if res is None:
         return f"{job.name}: every tilt image is entirely non-finite"
     arrays = (res.projections, res.positions_px, res.trajectories_px)
@@ -135,11 +138,12 @@ def run_job(job: TomogramJob, envelopes: dict | None = None) -> str:
     return ""
 
 
-def run_jobs(jobs: list[TomogramJob], config: RefineConfig
+def run_jobs(jobs: list[TomogramJob], config: RefineConfig, progress=None
              ) -> tuple[dict[str, TomogramResult], dict[str, str]]:
     """Run the jobs, one after another here or as Dask tasks (``config.workers``/``config.scheduler``).
 
     Returns ``({name: result}, {name: why not refined})``; the results are read from the store.
+    ``progress`` (a :class:`polish3d.progress.Progress`) shows them as they run and finish.
     """
     from polish3d.io.resume import load_result
 
@@ -147,9 +151,13 @@ def run_jobs(jobs: list[TomogramJob], config: RefineConfig
     if not (config.workers or config.scheduler) or not jobs:
         envelopes: dict = {}
         for job in jobs:
-            why[job.name] = run_job(job, envelopes)
+            t0 = time.perf_counter()
+            report = progress.tomogram(job.name) if progress is not None else None
+            why[job.name] = run_job(job, envelopes, report)
+            if progress is not None:
+                progress.done(job.name, time.perf_counter() - t0)
     else:
-        why = _run_jobs_on_dask(jobs, config)
+        why = _run_jobs_on_dask(jobs, config, progress)
     results, failed = {}, {}
     for job in jobs:
         if why[job.name]:
@@ -162,7 +170,7 @@ def run_jobs(jobs: list[TomogramJob], config: RefineConfig
     return results, failed
 
 
-def _run_jobs_on_dask(jobs: list[TomogramJob], config: RefineConfig) -> dict[str, str]:
+def _run_jobs_on_dask(jobs: list[TomogramJob], config: RefineConfig, progress=None) -> dict[str, str]:
     """Tomograms as Dask tasks; a data error fails the run after the other tomograms finished."""
     from polish3d.scale import ClusterOptions, run_tasks
 
@@ -175,6 +183,8 @@ def _run_jobs_on_dask(jobs: list[TomogramJob], config: RefineConfig) -> dict[str
         state = "done" if outcome.ok else f"FAILED: {error_summary(outcome.error)}"
         log.info("  tomogram %s %s (%d / %d finished, %.1f s)", outcome.key, state, n_done, n_total,
                  time.perf_counter() - t0)
+        if progress is not None:
+            progress.done(outcome.key)
 
     outcomes = run_tasks(run_job, {job.name: (job,) for job in jobs}, cluster, on_done=done)
     errors = {k: o.error for k, o in outcomes.items() if not o.ok}
@@ -185,7 +195,7 @@ def _run_jobs_on_dask(jobs: list[TomogramJob], config: RefineConfig) -> dict[str
     return {k: o.value for k, o in outcomes.items()}
 
 
-def _refine_from_files(job: TomogramJob, envelopes: dict) -> TomogramResult | None:
+def _refine_from_files(job: TomogramJob, envelopes: dict, report=None) -> TomogramResult | None:
     """One tomogram: open its images (non-finite pixels masked and counted), refine.
 
     Returns ``None`` when every tilt image is entirely non-finite.
@@ -202,7 +212,7 @@ def _refine_from_files(job: TomogramJob, envelopes: dict) -> TomogramResult | No
     if key not in envelopes:  # once per pixel size, not per tomogram
         envelopes[key] = envelope(config, job.fsc_idx, job.fsc, ts.pixel_size_ang)
     res = refine_arrays(ts, job.parts, stack, job.refs_ft, envelopes[key], config,
-                        progress=_progress_printer(ts.name))
+                        progress=report or log_progress(ts.name))
     res.metrics["non_finite_pixels"] = {str(j + 1): c for j, c in sorted(stack.non_finite.items())}
     log.info(
         "  done in %.1f s: 2D positions moved RMS %.3f px, max %.3f px",
@@ -258,30 +268,3 @@ def refine_arrays(ts, parts, stack, refs_ft, weights, config: RefineConfig,
                           deformation=config.deformation, progress=progress)
     res.metrics["particle_names"] = list(parts.names)
     return res
-
-
-def _progress_printer(name: str) -> Callable[..., None]:
-    def report(event, **k):
-        if event == "coarse_shift":
-            log.info("    coarse per-tilt shift search: max |shift| %.2f px (%.1f s)",
-                     k["max_shift_px"], k["seconds"])
-        elif event == "iteration":
-            log.debug("      outer %d  iteration %5d  cost %.10g", k["outer"], k["iteration"], k["cost"])
-        elif event == "outer":
-            log.info(
-                "    outer %d: cost %.6g → %.6g in %d L-BFGS iterations (%s); CC %.1f s, "
-                "L-BFGS %.1f s; 2D moves RMS %.3f px, max %.3f px",
-                k["outer"], k["cost_initial"], k["cost_final"], k["iterations"],
-                "converged" if k["converged"] else "not converged", k["cc_seconds"],
-                k["lbfgs_seconds"], k["move_rms_px"], k["move_max_px"],
-            )
-        elif event == "rescue":
-            log.info("    %d particle(s) left behind: re-searched in 3D (%.1f s)", k["particles"],
-                     k["seconds"])
-        elif event == "motion":
-            log.info("    %s", k.get("message", ""))
-        elif event == "deformation":
-            (log.warning if k.get("warning") else log.info)("    %s", k.get("message", ""))
-
-    return report
-
