@@ -81,6 +81,24 @@ def test_forward_model_matches_an_independent_formula():
     np.testing.assert_allclose(np.asarray(u32), want_u, rtol=0, atol=2e-3)
 
 
+def test_forward_model_matches_the_scoring_projection(tiny):
+    """With motion and a stored spline deformation: the forward model equals
+    ``score.project_particles`` (NumPy, float64), as the scoring can call it."""
+    from polish3d.model import Deformation
+    from polish3d.score import project_particles
+
+    sim = tiny[0]
+    ts, parts = sim.truth_tilt_series[0], sim.truth_particles["TS_01"]
+    rng = np.random.default_rng(2)
+    coeffs = rng.normal(0, 0.5, (7, deformation.n_coefficients("spline", (3, 3))))
+    ts = dataclasses.replace(ts, deformation=Deformation("spline", (3, 3), coeffs))
+    parts = dataclasses.replace(parts, trajectories_px=rng.normal(0, 1.0, (16, 7, 3)))
+    points = parts.positions_px[:, None, :] + parts.trajectories_px
+    model = deformation.fixed_model(ts.deformation, ts.image_size_px)
+    u, _ = forward.predict_host(ts.projections, points, model, ts.deformation.coefficients)
+    np.testing.assert_allclose(u, project_particles(ts, parts), rtol=0, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # the stages
 

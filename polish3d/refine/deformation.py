@@ -97,6 +97,7 @@ __all__ = [
     "build_plugin",
     "evaluate",
     "evaluate_per_tilt",
+    "fixed_model",
     "fourier_frequencies",
     "gauge_projection",
     "n_coefficients",
@@ -451,9 +452,8 @@ class DeformationPlugin:
         self.n_tilts = n_tilts
         self.base = np.asarray(base, np.float64)  # (F, n)
         self.gauge = np.asarray(gauge, np.float64)
-        n = self.base.shape[1]
         units = _coefficient_units(static.model, static.image_size)
-        self.units = np.broadcast_to(units, (n,)).astype(np.float64)
+        self.units = np.broadcast_to(units, self.base.shape[1:]).astype(np.float64)
         self.prior_w = prior_weights(static.model, static.grid, static.image_size)
         self.input_deformation = input_deformation
         self.notes = notes
@@ -517,6 +517,12 @@ class DeformationPlugin:
         }
 
 
+def fixed_model(deformation: Deformation, image_size_px) -> DeformationModel:
+    """The static model of a stored deformation (per tilt, no prior) for :mod:`~polish3d.refine.forward`."""
+    size = tuple(float(v) for v in image_size_px)
+    return DeformationModel(deformation.model, tuple(int(v) for v in deformation.grid_size), size, True)
+
+
 def _same_setup(d: Deformation, cfg: DeformationConfig) -> bool:
     if d.model != cfg.model:
         return False
@@ -559,11 +565,9 @@ def build_plugin(deformation: DeformationConfig | None, ts, config, n_pad=None, 
             return None
         note(f"{ts.name}: applying the stored {stored.model} deformation (grid "
              f"{tuple(stored.grid_size)}) as a fixed model; it is written back unchanged")
-        grid = tuple(int(v) for v in stored.grid_size)
-        static = DeformationModel(stored.model, grid, image_size, per_tilt=True, reg=0.0)
         return DeformationPlugin(
-            static, np.asarray(stored.coefficients, np.float64), np.eye(want[1]), free=False, n_tilts=f,
-            input_deformation=stored, notes=notes,
+            fixed_model(stored, image_size), np.asarray(stored.coefficients, np.float64), np.eye(want[1]),
+            free=False, n_tilts=f, input_deformation=stored, notes=notes,
         )
     base = np.zeros((f, n_coefficients(deformation.model, deformation.grid)))
     start = None
@@ -575,8 +579,7 @@ def build_plugin(deformation: DeformationConfig | None, ts, config, n_pad=None, 
         note(f"{ts.name}: the stored {stored.model} deformation (grid {tuple(stored.grid_size)}) "
              f"differs from the requested {deformation.model} deformation (grid {deformation.grid}); "
              "discarding it", warning=True)
-    shifts_free = not config.const_s
-    angles_free = not (config.const_a or config.shift_only)
+    shifts_free, angles_free = not config.const_s, not (config.const_a or config.shift_only)
     gauge = gauge_projection(
         deformation.model, deformation.grid, image_size,
         constant=shifts_free, rotation=shifts_free and angles_free,
