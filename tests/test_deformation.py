@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -461,7 +462,7 @@ def _solve(pr, dcfg, positions=True):
     if dcfg is not None:
         pl = D.build_plugin(dcfg, pr["ts"], AlignConfig(box=64))
         data.update(pl.data(pr["p_nom"], pr["x_nom"]))
-        params["deformation"] = pl.init_params()
+        params = dataclasses.replace(params, deformation=pl.init_params())
         free += ("deformation",)
     options = optimise.StageOptions(
         deformation=None if pl is None else pl.static, fix_gauge_positions=positions
@@ -472,8 +473,8 @@ def _solve(pr, dcfg, positions=True):
     u_new = geometry.project_points(p_new, x_new).transpose(1, 0, 2)
     res = TomogramResult("TS", p_new)
     if pl is not None:
-        u_new = pl.deform(params["deformation"], u_new)
-        pl.finish(params["deformation"], res)
+        u_new = pl.deform(params.deformation, u_new)
+        pl.finish(params.deformation, res)
     return u_new, res, info
 
 

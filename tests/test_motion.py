@@ -1,5 +1,7 @@
 """GP motion model (``polish3d.refine.motion``): basis, offsets, prior, gradient, recovery."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import jax.test_util
@@ -266,13 +268,13 @@ def _recovery(with_motion_in_data, use_motion, n=40, f=21, seed=0, r=10, peak=10
     pl = _plugin(x_nom, ts, cfg, n_pad=n_pad)
     if use_motion:
         data.update(pl.data(p_nom, x_nom))
-        params["motion"] = pl.init_params()
+        params = dataclasses.replace(params, motion=pl.init_params())
         free += ("motion",)
         options = optimise.StageOptions(motion=pl.static)
     params, _ = optimise.minimise(params, data, options, free_keys=free, max_iter=2000)
     delta, dpos = stage2.results_from_params(params, data, options, n)
     p_new, x_new = delta @ p_nom, x_nom + dpos
-    t_new = pl.trajectories(params["motion"]) if use_motion else np.zeros((n, f, 3))
+    t_new = pl.trajectories(params.motion) if use_motion else np.zeros((n, f, 3))
     pts = x_new[:, None] + t_new
     u_new = np.einsum("fij,nfj->nfi", p_new[:, :2, :3], pts) + p_new[None, :, :2, 3]
     err = np.sqrt(np.mean(np.sum((u_new - u_true) ** 2, -1)))

@@ -129,11 +129,11 @@ def test_gradient_matches_finite_differences():
         )
         data = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), data)
         rng = np.random.default_rng(1)
-        params = {
-            "tilt_angles": jnp.asarray(rng.normal(0, 0.3, (f, 3))),
-            "tilt_shifts": jnp.asarray(rng.normal(0, 0.3, (f, 2))),
-            "positions": jnp.asarray(rng.normal(0, 0.3, (n, 3))),
-        }
+        params = stage2.Stage2Params(
+            tilt_angles=jnp.asarray(rng.normal(0, 0.3, (f, 3))),
+            tilt_shifts=jnp.asarray(rng.normal(0, 0.3, (f, 2))),
+            positions=jnp.asarray(rng.normal(0, 0.3, (n, 3))),
+        )
         opts = optimise.StageOptions(range_reg=0.1)
         jax.test_util.check_grads(
             lambda p: objective.total_cost(p, data, opts),

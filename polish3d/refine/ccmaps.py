@@ -19,6 +19,7 @@ the host from (memory-mapped) stacks: only the boxes needed are read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,6 +32,7 @@ from polish3d.imaging.fourier import radius_2d, rfft2c, shift_phase
 
 __all__ = [
     "CCInputs",
+    "PairGeometry",
     "blur_windows",
     "cc_spectra",
     "compute_cc_windows",
@@ -129,14 +131,71 @@ def observe_windows(windows: jax.Array, frac_px: jax.Array) -> jax.Array:
     return rfft2c(mask * (windows - mean_out)) * shift_phase(box, -frac_px)
 
 
-class CCInputs(dict):
-    """Per-tomogram constants of the CC stage (a dict pytree of JAX arrays).
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "refs", "weights", "dose", "defocus_u", "defocus_v", "defocus_angle", "phase_shift",
+        "bfactor", "ctf_scale", "pixel_size", "voltage", "cs", "q0", "hand_slope_px",
+    ],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class CCInputs:
+    """Per-tomogram constants of the CC stage (a pytree of JAX arrays, float32).
 
-    Keys: ``refs`` ``(2, s, s, s//2+1)`` prepared half maps; ``weights`` ``(F, s, s//2+1)``;
-    ``dose`` ``(F, s, s//2+1)``; per tilt ``defocus_u``, ``defocus_v``, ``defocus_angle``,
-    ``phase_shift``, ``bfactor``, ``ctf_scale`` ``(F,)``; scalars ``pixel_size``, ``voltage``,
-    ``cs``, ``q0``, ``hand_slope_px`` (= hand · slope · px).
+    Attributes:
+        refs: ``(2, s, s, s//2+1)`` prepared half maps.
+        weights: ``(F, s, s//2+1)`` frequency weights.
+        dose: ``(F, s, s//2+1)`` dose weights (0 where the weights are).
+        defocus_u, defocus_v: ``(F,)`` Å; defocus_angle, phase_shift: ``(F,)`` degrees;
+            bfactor: ``(F,)`` Å²; ctf_scale: ``(F,)``.
+        pixel_size: Å per pixel of the box; voltage: kV; cs: mm; q0: amplitude contrast.
+        hand_slope_px: hand · defocus slope · pixel size (defocus change per pixel of depth, Å).
     """
+
+    refs: jax.Array
+    weights: jax.Array
+    dose: jax.Array
+    defocus_u: jax.Array
+    defocus_v: jax.Array
+    defocus_angle: jax.Array
+    phase_shift: jax.Array
+    bfactor: jax.Array
+    ctf_scale: jax.Array
+    pixel_size: jax.Array
+    voltage: jax.Array
+    cs: jax.Array
+    q0: jax.Array
+    hand_slope_px: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PairGeometry:
+    """Host-side predictions of a tomogram's particle–tilt pairs: where the CC stage looks.
+
+    Attributes:
+        u_px: ``(N, F, 2)`` predicted image positions (window centres, pixels).
+        cam_rot: ``(N, F, 3, 3)`` ``P_f[:3,:3] · M_p`` (particle orientation in the camera frame).
+        depth_px: ``(N, F)`` particle depth ``P_f[2]·[X;1]`` (pixels).
+        centre_depth_px: ``(F,)`` depth of the tomogram centre (pixels).
+        half_set: ``(N,)`` 1 or 2.
+        visible: ``(N, F)`` true where the pair is used (box inside the image, tilt in range).
+    """
+
+    u_px: np.ndarray
+    cam_rot: np.ndarray
+    depth_px: np.ndarray
+    centre_depth_px: np.ndarray
+    half_set: np.ndarray
+    visible: np.ndarray
+
+    def subset(self, particles) -> PairGeometry:
+        """The pairs of the particles ``particles`` (indices or a boolean mask)."""
+        return dataclasses.replace(
+            self, u_px=self.u_px[particles], cam_rot=self.cam_rot[particles],
+            depth_px=self.depth_px[particles], half_set=np.asarray(self.half_set)[particles],
+            visible=self.visible[particles],
+        )
 
 
 def blur_windows(windows, sigma_px: float) -> jax.Array:
@@ -174,22 +233,22 @@ def cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, blur, const):
     """
     box = windows.shape[-1]
     y = observe_windows(windows, frac)  # (P, s, sh)
-    dz = const["hand_slope_px"] * depth
+    dz = const.hand_slope_px * depth
     # one half map per batch (the host groups pairs by half set): selecting the map per pair
     # inside vmap would materialise a 3D map per pair
-    ref = jax.lax.dynamic_index_in_dim(const["refs"], half - 1, axis=0, keepdims=False)
+    ref = jax.lax.dynamic_index_in_dim(const.refs, half - 1, axis=0, keepdims=False)
 
     def one(rot, j, dz_):
         sl = imaging.central_slice(ref, rot, box)
         ctf = imaging.ctf_2d(
-            box, const["pixel_size"], const["defocus_u"][j] + dz_, const["defocus_v"][j] + dz_,
-            const["defocus_angle"][j], const["voltage"], const["cs"], const["q0"],
-            const["phase_shift"][j], const["bfactor"][j], const["ctf_scale"][j],
+            box, const.pixel_size, const.defocus_u[j] + dz_, const.defocus_v[j] + dz_,
+            const.defocus_angle[j], const.voltage, const.cs, const.q0,
+            const.phase_shift[j], const.bfactor[j], const.ctf_scale[j],
         )
         return sl * ctf
 
     s = jax.vmap(one)(cam_rot, tilt, dz)
-    w = const["weights"][tilt] * const["dose"][tilt] * blur[None]
+    w = const.weights[tilt] * const.dose[tilt] * blur[None]
     return (-float(box * box) / np.sqrt(box)) * (valid[:, None, None] * w) * y * jnp.conj(s)
 
 
@@ -204,7 +263,7 @@ def _cc_pairs(windows, frac, cam_rot, depth, tilt, half, valid, blur, const, hal
     win = cc[..., idx[:, None], idx[None, :]]
     if not want_sum:  # the per-tilt sum doubles the cost of the inverse-FFT stage
         return win, None
-    return win, jax.ops.segment_sum(cc, tilt, num_segments=const["weights"].shape[0])
+    return win, jax.ops.segment_sum(cc, tilt, num_segments=const.weights.shape[0])
 
 
 def padded_pair_chunks(stack, u, pi, ti, batch: int, size: int):
@@ -231,25 +290,25 @@ def padded_pair_chunks(stack, u, pi, ti, batch: int, size: int):
                padded(uu - np.floor(uu + 0.5)), valid)
 
 
-def pair_batches(stack, u0, cam_rot, depth, centre_depth, half_set, todo, *, box: int, chunk: int):
-    """Host side of the CC stage: fixed-size batches of the pairs ``todo (N, F)``.
+def pair_batches(stack, geom: PairGeometry, todo, *, box: int, chunk: int):
+    """Host side of the CC stage: fixed-size batches of the pairs ``todo (N, F)`` of ``geom``.
 
     Pairs are grouped by half set, ``chunk × F`` per batch (the last one padded by repeating its
     first pair, flagged invalid), boxes gathered from the stack. Yields ``(p_idx, t_idx, m,
     args)`` with ``m`` the number of real pairs and ``args`` the JAX arguments
     ``(windows, frac, cam_rot, depth, tilt, half, valid)`` of :func:`cc_spectra`.
     """
-    f = u0.shape[1]
-    half_set = np.asarray(half_set)
+    f = geom.u_px.shape[1]
+    half_set = np.asarray(geom.half_set)
     batch = max(1, chunk) * f
-    rel_depth = depth - centre_depth[None, :]
+    rel_depth = geom.depth_px - geom.centre_depth_px[None, :]
     for h in (1, 2):
         in_half = (half_set == 2) if h == 2 else (half_set != 2)
         pi, ti = np.nonzero(todo & in_half[:, None])
-        for p_b, t_b, m, padded, win, frac, valid in padded_pair_chunks(stack, u0, pi, ti, batch, box):
+        for p_b, t_b, m, padded, win, frac, valid in padded_pair_chunks(stack, geom.u_px, pi, ti, batch, box):
             args = (
                 jnp.asarray(win), jnp.asarray(frac, jnp.float32),
-                jnp.asarray(padded(cam_rot[p_b, t_b]), jnp.float32),
+                jnp.asarray(padded(geom.cam_rot[p_b, t_b]), jnp.float32),
                 jnp.asarray(padded(rel_depth[p_b, t_b]), jnp.float32),
                 jnp.asarray(padded(t_b), jnp.int32), jnp.int32(h), jnp.asarray(valid),
             )
@@ -258,13 +317,8 @@ def pair_batches(stack, u0, cam_rot, depth, centre_depth, half_set, todo, *, box
 
 def compute_cc_windows(
     stack,
-    u0: np.ndarray,
-    cam_rot: np.ndarray,
-    depth: np.ndarray,
-    centre_depth: np.ndarray,
-    half_set: np.ndarray,
-    visible: np.ndarray,
-    const: dict,
+    geom: PairGeometry,
+    const: CCInputs,
     *,
     box: int,
     half_width: int,
@@ -282,13 +336,8 @@ def compute_cc_windows(
 
     Args:
         stack: ``(F, H, W)`` tilt images (numpy or memmap).
-        u0: ``(N, F, 2)`` predicted positions (window centres).
-        cam_rot: ``(N, F, 3, 3)`` ``P_f[:3,:3] · M_p``.
-        depth: ``(N, F)`` particle depth ``P_f[2]·[X;1]`` (pixels).
-        centre_depth: ``(F,)`` depth of the tomogram centre.
-        half_set: ``(N,)`` 1 or 2.
-        visible: ``(N, F)`` true where the box lies inside the image.
-        const: :class:`CCInputs`.
+        geom: the pairs' predictions (window centres ``geom.u_px``; only ``geom.visible`` pairs).
+        const: the CC constants.
         box: box size ``s``.
         half_width: window half-width ``hw`` in pixels (the window is ``2·hw+1`` wide).
         chunk: batch size in particles' worth of pairs (``chunk × F`` pairs per call).
@@ -302,19 +351,18 @@ def compute_cc_windows(
     Returns:
         ``(N, F, D, D)`` float32 windows and the sum (or ``None``).
     """
-    n, f = u0.shape[:2]
+    n, f = geom.u_px.shape[:2]
     d = 2 * half_width + 1
     rad = radius_2d(box)
     blur = np.exp(-2.0 * (np.pi * blur_px * rad / box) ** 2).astype(np.float32)
     if out is None:
         out = np.zeros((n, f, d, d), np.float32)
     total = np.zeros((f, box, box), np.float64) if want_sum else None
-    todo = np.asarray(visible, bool) if pairs is None else (np.asarray(visible, bool) & pairs)
+    visible = np.asarray(geom.visible, bool)
+    todo = visible if pairs is None else (visible & pairs)
     if pairs is not None:
-        out[:n][np.asarray(pairs, bool) & ~np.asarray(visible, bool)] = 0.0
-    for p_b, t_b, m, args in pair_batches(
-        stack, u0, cam_rot, depth, centre_depth, half_set, todo, box=box, chunk=chunk
-    ):
+        out[:n][np.asarray(pairs, bool) & ~visible] = 0.0
+    for p_b, t_b, m, args in pair_batches(stack, geom, todo, box=box, chunk=chunk):
         w, t = _cc_pairs(*args, jnp.asarray(blur), const, half_width, want_sum)
         out[p_b, t_b] = np.asarray(w)[:m]
         if want_sum:

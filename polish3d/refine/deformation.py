@@ -87,6 +87,7 @@ import numpy as np
 
 from polish3d.errors import InputError
 from polish3d.model import Deformation, deformation_coefficient_count
+from polish3d.refine import forward
 
 __all__ = [
     "MODELS",
@@ -96,6 +97,7 @@ __all__ = [
     "build_plugin",
     "evaluate",
     "evaluate_per_tilt",
+    "fixed_model",
     "fourier_frequencies",
     "gauge_projection",
     "n_coefficients",
@@ -385,6 +387,10 @@ class DeformationModel:
         """``(F, n)`` coefficients ``base + G·(s ⊙ δ)``."""
         return data["deformation_base"] + self.update(delta, data)
 
+    def field(self, coefficients, u):
+        """The fields ``def_f(u)`` ``(N, F, 2)`` px of coefficients ``(F, n)`` at ``u`` ``(N, F, 2)``."""
+        return evaluate_per_tilt(self.model, self.grid, self.image_size, coefficients, u)
+
     def apply_and_prior(self, delta, u, data):
         """``(u + def_f(u), prior)`` for positions ``u`` ``(N, F, 2)`` px (tilts in file order).
 
@@ -393,14 +399,14 @@ class DeformationModel:
         """
         upd = self.update(delta, data)
         c = data["deformation_base"] + upd
-        u_new = u + evaluate_per_tilt(self.model, self.grid, self.image_size, c, u)
+        u_new = forward.deform(u, self, c)
         prior = jnp.zeros((), u.dtype)
         if self.reg > 0:
             per_f = jnp.sum(data["deformation_prior_w"] * c * c, axis=-1)
             prior = prior + self.reg * (jnp.sum(per_f) if self.per_tilt else jnp.mean(per_f))
         if self.shrink > 0 and "cc" in data:
             w = data["weight"]
-            d_upd = evaluate_per_tilt(self.model, self.grid, self.image_size, upd, u)
+            d_upd = self.field(upd, u)
             kappa = jax.lax.stop_gradient(shrinkage_scale(data["cc"], w))
             prior = prior + self.shrink * kappa * jnp.sum(w * jnp.sum(d_upd * d_upd, -1))
         return u_new, prior
@@ -430,11 +436,6 @@ def shrinkage_scale(cc, weight):
     return jnp.sum(weight * kappa) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "grid", "image_size"))
-def _field_jit(coeffs, u, *, model, grid, image_size):
-    return evaluate_per_tilt(model, grid, image_size, coeffs, u)
-
-
 class DeformationPlugin:
     """A deformation model plugged into :func:`polish3d.refine.tomogram.refine_tomogram`.
 
@@ -451,9 +452,8 @@ class DeformationPlugin:
         self.n_tilts = n_tilts
         self.base = np.asarray(base, np.float64)  # (F, n)
         self.gauge = np.asarray(gauge, np.float64)
-        n = self.base.shape[1]
         units = _coefficient_units(static.model, static.image_size)
-        self.units = np.broadcast_to(units, (n,)).astype(np.float64)
+        self.units = np.broadcast_to(units, self.base.shape[1:]).astype(np.float64)
         self.prior_w = prior_weights(static.model, static.grid, static.image_size)
         self.input_deformation = input_deformation
         self.notes = notes
@@ -470,13 +470,8 @@ class DeformationPlugin:
 
     def data(self, projections=None, positions=None) -> dict:
         """Arrays for the stage-2 data pytree (independent of the geometry)."""
-        f32 = jnp.float32
-        return {
-            "deformation_base": jnp.asarray(self.base, f32),
-            "deformation_gauge": jnp.asarray(self.gauge, f32),
-            "deformation_units": jnp.asarray(self.units, f32),
-            "deformation_prior_w": jnp.asarray(self.prior_w, f32),
-        }
+        arrays = {"base": self.base, "gauge": self.gauge, "units": self.units, "prior_w": self.prior_w}
+        return {f"deformation_{k}": jnp.asarray(v, jnp.float32) for k, v in arrays.items()}
 
     def coefficients(self, params) -> np.ndarray:
         """``(F, n)`` float64 coefficients (RELION layout) for the update ``params``."""
@@ -486,13 +481,7 @@ class DeformationPlugin:
 
     def deform(self, params, u) -> np.ndarray:
         """Host side: ``u + def_f(u)`` for ``u`` ``(N, F, 2)`` px (float64 in, float64 out)."""
-        u = np.asarray(u, np.float64)
-        if u.size == 0:
-            return u
-        s = self.static
-        c = jnp.asarray(self.coefficients(params), jnp.float32)
-        d = _field_jit(c, jnp.asarray(u, jnp.float32), model=s.model, grid=s.grid, image_size=s.image_size)
-        return u + np.asarray(d, np.float64)
+        return forward.deform_host(u, self.static, self.coefficients(params))
 
     def finish(self, params, result) -> None:
         """Store the deformation (RELION layout, per tilt) and its statistics in ``result``."""
@@ -528,6 +517,12 @@ class DeformationPlugin:
         }
 
 
+def fixed_model(deformation: Deformation, image_size_px) -> DeformationModel:
+    """The static model of a stored deformation (per tilt, no prior) for :mod:`~polish3d.refine.forward`."""
+    size = tuple(float(v) for v in image_size_px)
+    return DeformationModel(deformation.model, tuple(int(v) for v in deformation.grid_size), size, True)
+
+
 def _same_setup(d: Deformation, cfg: DeformationConfig) -> bool:
     if d.model != cfg.model:
         return False
@@ -551,56 +546,40 @@ def build_plugin(deformation: DeformationConfig | None, ts, config, n_pad=None, 
         InputError: the input deformation's coefficient count does not fit its model and grid.
     """
     report = report or (lambda *a, **k: None)
-    f = ts.n_tilts
+    f, stored, notes = ts.n_tilts, ts.deformation, []
     image_size = tuple(float(v) for v in ts.image_size_px)
-    stored = ts.deformation
-    notes: list[str] = []
+
+    def note(msg: str, **extra) -> None:
+        notes.append(msg)
+        report("deformation", message=msg, **extra)
+
     if stored is not None:
-        want = n_coefficients(stored.model, stored.grid_size)
-        c = np.asarray(stored.coefficients, np.float64)
-        if c.shape != (f, want):
+        want = (f, n_coefficients(stored.model, stored.grid_size))
+        if np.shape(stored.coefficients) != want:
             raise InputError(
                 f"{ts.name}: the stored {stored.model} deformation (grid {tuple(stored.grid_size)}) has "
-                f"coefficients of shape {c.shape}, expected ({f}, {want})"
+                f"coefficients of shape {np.shape(stored.coefficients)}, expected {want}"
             )
     if deformation is None:
         if stored is None or not np.any(stored.coefficients):
             return None
-        msg = (
-            f"{ts.name}: applying the stored {stored.model} deformation (grid "
-            f"{tuple(stored.grid_size)}) as a fixed model; it is written back unchanged"
-        )
-        notes.append(msg)
-        report("deformation", message=msg)
-        grid = tuple(int(v) for v in stored.grid_size)
-        static = DeformationModel(stored.model, grid, image_size, per_tilt=True, reg=0.0)
-        n = n_coefficients(stored.model, stored.grid_size)
+        note(f"{ts.name}: applying the stored {stored.model} deformation (grid "
+             f"{tuple(stored.grid_size)}) as a fixed model; it is written back unchanged")
         return DeformationPlugin(
-            static, np.asarray(stored.coefficients, np.float64), np.eye(n), free=False, n_tilts=f,
-            input_deformation=stored, notes=notes,
+            fixed_model(stored, image_size), np.asarray(stored.coefficients, np.float64), np.eye(want[1]),
+            free=False, n_tilts=f, input_deformation=stored, notes=notes,
         )
-
-    n = n_coefficients(deformation.model, deformation.grid)
-    base = np.zeros((f, n))
+    base = np.zeros((f, n_coefficients(deformation.model, deformation.grid)))
     start = None
-    if stored is not None:
-        if _same_setup(stored, deformation):
-            base = np.asarray(stored.coefficients, np.float64).copy()
-            start = stored
-            msg = f"{ts.name}: starting from the stored {stored.model} deformation"
-            notes.append(msg)
-            report("deformation", message=msg)
-        else:
-            msg = (
-                f"{ts.name}: the stored {stored.model} deformation (grid {tuple(stored.grid_size)}) "
-                f"differs from --def_model {deformation.model} --def_w/--def_h "
-                f"{deformation.grid}; discarding it"
-            )
-            notes.append(msg)
-            report("deformation", message=msg, warning=True)
-    free = not config.shift_only
-    shifts_free = not config.const_s
-    angles_free = not (config.const_a or config.shift_only)
+    if stored is not None and _same_setup(stored, deformation):
+        base = np.asarray(stored.coefficients, np.float64).copy()
+        start = stored
+        note(f"{ts.name}: starting from the stored {stored.model} deformation")
+    elif stored is not None:
+        note(f"{ts.name}: the stored {stored.model} deformation (grid {tuple(stored.grid_size)}) "
+             f"differs from the requested {deformation.model} deformation (grid {deformation.grid}); "
+             "discarding it", warning=True)
+    shifts_free, angles_free = not config.const_s, not (config.const_a or config.shift_only)
     gauge = gauge_projection(
         deformation.model, deformation.grid, image_size,
         constant=shifts_free, rotation=shifts_free and angles_free,
@@ -609,109 +588,12 @@ def build_plugin(deformation: DeformationConfig | None, ts, config, n_pad=None, 
         deformation.model, tuple(deformation.grid), image_size, bool(deformation.per_tilt),
         float(deformation.reg), float(deformation.shrink),
     )
-    return DeformationPlugin(static, base, gauge, free=free, n_tilts=f, input_deformation=start, notes=notes)
+    return DeformationPlugin(static, base, gauge, free=not config.shift_only, n_tilts=f,
+                             input_deformation=start, notes=notes)
 
 
-# ----------------------------------------------------------------------------------------------
-# picture
-# ----------------------------------------------------------------------------------------------
+def plot_deformation(deformation: Deformation, image_size_px, path, **options) -> Path:
+    """Draw a deformation as a PNG: :func:`polish3d.refine.deformation_plot.plot_deformation`."""
+    from polish3d.refine.deformation_plot import plot_deformation as plot
 
-
-def _nice_scale(raw: float) -> float:
-    """The largest of 1, 2, 5 × 10^k not above ``raw`` (at least 1)."""
-    if raw <= 1.0:
-        return 1.0
-    e = 10.0 ** math.floor(math.log10(raw))
-    return max(m * e for m in (1.0, 2.0, 5.0, 10.0) if m * e <= raw)
-
-
-def plot_deformation(deformation: Deformation, image_size_px, path, *, scale: float | None = None,
-                     title: str = "", subdiv: int = 4, steps: int = 100) -> Path:
-    """Draw the deformed node grid (exaggerated) over the undeformed one, as a PNG.
-
-    One panel per distinct coefficient row (a per-series deformation gives one panel, a per-tilt
-    one a panel per tilt, labelled with the file-order tilt index). Grid lines follow RELION's
-    picture (``temp/<tomo>_deformations.eps``): main lines at the nodes (``gw × gh``, or 3 × 3
-    for ``linear``), ``subdiv`` thinner lines per cell, each deformed by ``scale·def(u)``.
-
-    Args:
-        deformation: the deformation (coefficients per tilt).
-        image_size_px: ``(W, H)``.
-        path: the PNG to write (folders are created).
-        scale: exaggeration factor; default: so that the largest displacement of all panels is
-            drawn as about 15 % of the smaller image side (at least 1), rounded down to 1–2–5
-            steps.
-        title: title prefix (e.g. the tomogram name).
-        subdiv, steps: thin lines per cell, points per line.
-
-    Returns:
-        ``path``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    w, h = (float(v) for v in image_size_px)
-    c = np.asarray(deformation.coefficients, np.float64)
-    rows, index = np.unique(c, axis=0, return_index=True)
-    order = np.argsort(index)
-    rows, index = rows[order], index[order]
-    gw, gh = deformation.grid_size if deformation.model != "linear" else (3, 3)
-    gw, gh = max(int(gw), 2), max(int(gh), 2)
-    lines = []
-    t = np.linspace(0.0, 1.0, steps)
-    for i in range((gw - 1) * subdiv + 1):
-        x = i / subdiv * w / (gw - 1)
-        lines.append((np.stack([np.full_like(t, x), t * h], -1), i % subdiv == 0))
-    for i in range((gh - 1) * subdiv + 1):
-        y = i / subdiv * h / (gh - 1)
-        lines.append((np.stack([t * w, np.full_like(t, y)], -1), i % subdiv == 0))
-    pts = np.concatenate([p for p, _ in lines])
-    with jax.enable_x64(True):
-        fields = [
-            np.asarray(evaluate(deformation.model, deformation.grid_size, (w, h), r, jnp.asarray(pts)))
-            for r in rows
-        ]
-    dmax = max((float(np.max(np.linalg.norm(fd, axis=-1))) for fd in fields), default=0.0)
-    if scale is None:
-        scale = _nice_scale(0.15 * min(w, h) / dmax) if dmax > 0 else 1.0
-    n = len(rows)
-    ncol = math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    size = 3.2 if n > 1 else 6.0
-    fig_size = (size * ncol, (size * h / w + 0.35) * nrow + 0.6)
-    fig, axes = plt.subplots(nrow, ncol, figsize=fig_size, squeeze=False)
-    for k, ax in enumerate(axes.ravel()):
-        if k >= n:
-            ax.axis("off")
-            continue
-        start = 0
-        for p, main in lines:
-            seg = fields[k][start:start + len(p)]
-            start += len(p)
-            ax.plot(p[:, 0], p[:, 1], color=(0.6, 0.6, 1.0) if main else (0.8, 0.8, 1.0),
-                    lw=0.6 if main else 0.3)
-            q = p + scale * seg
-            ax.plot(q[:, 0], q[:, 1], color="k" if main else "0.45", lw=0.9 if main else 0.4)
-        ax.set_aspect("equal")
-        ax.set_xlim(-0.08 * w, 1.08 * w)
-        ax.set_ylim(1.08 * h, -0.08 * h)  # y down, as in the image
-        rms = float(np.sqrt(np.mean(np.sum(fields[k] ** 2, -1))))
-        label = "all tilts" if n == 1 else f"tilt {int(index[k]) + 1}"
-        ax.set_title(f"{label}: RMS {rms:.2f} px", fontsize=9 if n > 1 else 11)
-        if n > 1:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
-            ax.set_xlabel("x (px)")
-            ax.set_ylabel("y (px)")
-    head = f"{title}: " if title else ""
-    grid_txt = tuple(int(v) for v in deformation.grid_size)
-    fig.suptitle(f"{head}{deformation.model} deformation {grid_txt}, displacements ×{scale:g}")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plot(deformation, image_size_px, path, **options)

@@ -125,21 +125,17 @@ def _taylor_pairs(windows, frac, cam_rot, depth, tilt, half, valid, const, order
 
 def compute_taylor(
     stack,
-    u0: np.ndarray,
-    cam_rot: np.ndarray,
-    depth: np.ndarray,
-    centre_depth: np.ndarray,
-    half_set: np.ndarray,
-    visible: np.ndarray,
-    const: dict,
+    geom: ccmaps.PairGeometry,
+    const: ccmaps.CCInputs,
     *,
     box: int,
     chunk: int = 8,
     n_pad: int | None = None,
     order: int = TAYLOR_ORDER,
 ) -> np.ndarray:
-    """Taylor coefficients ``(n_pad, F, M)`` float32 of every visible pair's exact CC about its
-    current prediction ``u0`` (others 0); monomials as :func:`taylor_exponents`.
+    """Taylor coefficients ``(n_pad, F, M)`` float32 of every visible pair of ``geom`` (its
+    predictions, :class:`~polish3d.refine.ccmaps.PairGeometry`): the exact CC's expansion about
+    the prediction ``geom.u_px`` (others 0); monomials as :func:`taylor_exponents`.
 
     The coefficients are exact moments of the pair's CC spectrum (computed as the CC windows
     are, without the inverse FFT), so ``C(Δ) = Σ m_ab Δx^a Δy^b + R`` with the remainder
@@ -148,16 +144,14 @@ def compute_taylor(
     ~5·10⁻⁷ of the CC, far below the curvature term that fixes the optimum (~(θΔ)²/2 ≈ 3 %).
     Memory: ``M = 15`` floats per pair at order 4 (no spectra are stored).
     """
-    n, f = u0.shape[:2]
+    n, f = geom.u_px.shape[:2]
     n_pad = n if n_pad is None else max(n, n_pad)
     m = len(taylor_exponents(order))
     # frequencies without weight contribute nothing: skip them (exact)
-    k_max = spectrum_support(np.asarray(const["weights"]) * np.asarray(const["dose"]), box)
+    k_max = spectrum_support(np.asarray(const.weights) * np.asarray(const.dose), box)
     out = np.zeros((n_pad, f, m), np.float32)
-    todo = np.asarray(visible, bool)
-    for p_b, t_b, k, args in ccmaps.pair_batches(
-        stack, u0, cam_rot, depth, centre_depth, half_set, todo, box=box, chunk=chunk
-    ):
+    todo = np.asarray(geom.visible, bool)
+    for p_b, t_b, k, args in ccmaps.pair_batches(stack, geom, todo, box=box, chunk=chunk):
         out[p_b, t_b] = np.asarray(_taylor_pairs(*args, const, order, k_max))[:k]
     return out
 

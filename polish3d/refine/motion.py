@@ -332,7 +332,7 @@ class MotionPlugin:
         self.basis_seconds = time.perf_counter() - t0
         self.kept_variance_fraction = float(lam.sum() / trace) if trace > 0 else 1.0
         if not self.free:
-            report("motion", message="motion: --const_p: the motion is not refined (as RELION)")
+            report("motion", message="motion: positions held fixed (const_p): not refined (as RELION)")
         kind = "low-rank + diagonal" if diagonal else "exact"
         report(
             "motion",

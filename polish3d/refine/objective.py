@@ -2,7 +2,7 @@
 
 Pure JAX, no I/O, no jit here (the jit boundary is :mod:`polish3d.refine.optimise`).
 
-Parameters (a dict pytree, all float32):
+Parameters (:class:`polish3d.refine.stage2.Stage2Params`, a pytree, all float32):
 
 * ``tilt_angles`` ``(F, 3)``: small rotations (φ about x, θ about y, ψ about z) of each tilt's
   camera frame, in units of ``data["angle_unit_rad"]`` radians (chosen so that one unit moves a
@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from polish3d.refine import forward
 from polish3d.refine.likelihood import taylor_values
 
 __all__ = [
@@ -66,12 +67,12 @@ def remove_rotation_gauge(angles: jax.Array, rotations: jax.Array) -> jax.Array:
     return angles - jnp.einsum("fij,j->fi", rotations, v)
 
 
-def tilt_transforms(params: dict, data: dict, *, fix_gauge: bool = True) -> jax.Array:
+def tilt_transforms(params, data: dict, *, fix_gauge: bool = True) -> jax.Array:
     """Refined projection matrices ``(F, 4, 4)`` from the parameters.
 
     ``P' = T(s) · T(p_c) · Q · T(−p_c) · P`` with ``p_c = P · c`` the projected tomogram centre.
     """
-    ang = params["tilt_angles"]
+    ang = params.tilt_angles
     p = data["projections"]
     if fix_gauge:
         ang = remove_rotation_gauge(ang, p[:, :3, :3])
@@ -79,16 +80,16 @@ def tilt_transforms(params: dict, data: dict, *, fix_gauge: bool = True) -> jax.
     pc = data["centre_cam"]  # (F, 3)
     lin = q @ p[:, :3, :3]
     trans = jnp.einsum("fij,fj->fi", q, p[:, :3, 3] - pc) + pc
-    trans = trans.at[:, :2].add(params["tilt_shifts"])
+    trans = trans.at[:, :2].add(params.tilt_shifts)
     top = jnp.concatenate([lin, trans[:, :, None]], axis=2)
     bottom = jnp.broadcast_to(jnp.array([0.0, 0.0, 0.0, 1.0], p.dtype), (p.shape[0], 1, 4))
     return jnp.concatenate([top, bottom], axis=1)
 
 
-def apply_tilt_params(params: dict, data: dict, points: jax.Array, *, fix_gauge: bool = True):
-    """Project per-tilt 3D points ``(N, F, 3)`` with the refined matrices → ``(N, F, 2)``."""
-    pm = tilt_transforms(params, data, fix_gauge=fix_gauge)
-    return jnp.einsum("fij,nfj->nfi", pm[:, :2, :3], points) + pm[None, :, :2, 3]
+def apply_tilt_params(params, data: dict, points: jax.Array, *, fix_gauge: bool = True):
+    """Project per-tilt 3D points ``(N, F, 3)`` with the refined matrices → ``(N, F, 2)``
+    (:func:`polish3d.refine.forward.project`; the deformation follows in :func:`total_cost`)."""
+    return forward.project(tilt_transforms(params, data, fix_gauge=fix_gauge), points)[0]
 
 
 def _keys_weights(t: jax.Array) -> jax.Array:
@@ -145,7 +146,7 @@ def data_term(u: jax.Array, data: dict, range_reg: float) -> tuple[jax.Array, ja
     return cost, vals
 
 
-def total_cost(params: dict, data: dict, options) -> jax.Array:
+def total_cost(params, data: dict, options) -> jax.Array:
     """Scalar cost of one tomogram (see the module docstring), relative to ``data["cc_base"]``.
 
     ``options`` is a hashable :class:`~polish3d.refine.optimise.StageOptions` (``range_reg``,
@@ -154,13 +155,13 @@ def total_cost(params: dict, data: dict, options) -> jax.Array:
     return _cost_and_values(params, data, options)[0]
 
 
-def pair_values(params: dict, data: dict, options) -> jax.Array:
+def pair_values(params, data: dict, options) -> jax.Array:
     """Interpolated CC value of every particle–tilt pair ``(N, F)`` at ``params``."""
     return _cost_and_values(params, data, options)[1]
 
 
-def _cost_and_values(params: dict, data: dict, options):
-    pos = params["positions"]
+def _cost_and_values(params, data: dict, options):
+    pos = params.positions
     if options.fix_gauge_positions:
         pos = pos - jnp.sum(pos * data["particle_mask"][:, None], 0) / jnp.maximum(
             jnp.sum(data["particle_mask"]), 1.0
@@ -169,12 +170,12 @@ def _cost_and_values(params: dict, data: dict, options):
     points = data["positions"][:, None, :] + pos[:, None, :] + data["offsets"]
     cost = jnp.zeros((), points.dtype)
     if options.motion is not None:
-        offsets, prior = options.motion.offsets_and_prior(params["motion"], data)
+        offsets, prior = options.motion.offsets_and_prior(params.motion, data)
         points = points + offsets
         cost = cost + prior
     u = apply_tilt_params(params, data, points, fix_gauge=options.fix_gauge_angles)
     if options.deformation is not None:
-        u, prior = options.deformation.apply_and_prior(params["deformation"], u, data)
+        u, prior = options.deformation.apply_and_prior(params.deformation, u, data)
         cost = cost + prior
     d, vals = data_term(u, data, options.range_reg)
     return cost + d, vals

@@ -43,18 +43,19 @@ class StageOptions:
     deformation: object | None = None
 
 
-def _split_cost(free: dict, fixed: dict, data: dict, options: StageOptions):
-    return total_cost({**fixed, **free}, data, options)
+def _split_cost(free: dict, fixed, data: dict, options: StageOptions):
+    """The cost with the free blocks ``free`` (by name) put into the parameters ``fixed``."""
+    return total_cost(dataclasses.replace(fixed, **free), data, options)
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
-def value_and_grad(free: dict, fixed: dict, data: dict, options: StageOptions):
+def value_and_grad(free: dict, fixed, data: dict, options: StageOptions):
     """Cost and gradient w.r.t. the free parameters (jitted once per shape bucket)."""
     return jax.value_and_grad(_split_cost)(free, fixed, data, options)
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
-def _pair_values(params: dict, data: dict, options: StageOptions):
+def _pair_values(params, data: dict, options: StageOptions):
     return pair_values(params, data, options)
 
 
@@ -68,16 +69,25 @@ def _unflatten(x, spec):
 
 
 @functools.partial(jax.jit, static_argnames=("options", "spec"))
-def _flat_value_and_grad(x, fixed: dict, data: dict, options: StageOptions, spec):
+def _flat_value_and_grad(x, fixed, data: dict, options: StageOptions, spec):
     """Cost and flat gradient of the flat free-parameter vector (splitting and joining inside
     the compiled function: no per-evaluation host-side array ops)."""
     value, grads = jax.value_and_grad(_split_cost)(_unflatten(x, spec), fixed, data, options)
     return value, jnp.concatenate([grads[k].ravel() for k, _ in spec])
 
 
-def pair_values_at(params: dict, data: dict, options: StageOptions):
+def pair_values_at(params, data: dict, options: StageOptions):
     """Interpolated CC value of every particle–tilt pair ``(N_pad, F)`` at ``params`` (jitted)."""
-    return _pair_values({k: jnp.asarray(v) for k, v in params.items()}, data, options)
+    return _pair_values(jax.tree_util.tree_map(jnp.asarray, params), data, options)
+
+
+def _split(params, free_keys):
+    """The free blocks ``{name: array}`` of ``params`` and the rest (those blocks set to ``None``)."""
+    missing = [k for k in free_keys if getattr(params, k, None) is None]
+    if missing:
+        names = [f.name for f in dataclasses.fields(params)]
+        raise ValueError(f"free parameter blocks {missing} are not in the parameters (blocks: {names})")
+    return {k: getattr(params, k) for k in free_keys}, dataclasses.replace(params, **dict.fromkeys(free_keys))
 
 
 @dataclasses.dataclass
@@ -103,13 +113,14 @@ def minimise(
     ftol: float = 1e-10,
     callback: Callable[[int, float], None] | None = None,
 ) -> tuple[dict, MinimiseInfo]:
-    """Minimise the stage-2 cost over ``params[k]`` for ``k`` in ``free_keys``.
+    """Minimise the stage-2 cost over the blocks ``free_keys`` of ``params``.
 
     Args:
-        params: initial parameters (dict of float32 arrays).
+        params: initial parameters (:class:`~polish3d.refine.stage2.Stage2Params`).
         data: the stage-2 data pytree.
         options: static options.
-        free_keys: names of the parameter blocks to optimise; others stay fixed.
+        free_keys: names of the parameter blocks to optimise (fields of ``params``, not
+            ``None``); others stay fixed.
         max_iter: maximum L-BFGS iterations (``--it``).
         ftol: stop when the relative cost decrease of an iteration is below this.
         callback: called as ``callback(iteration, cost)`` after each iteration.
@@ -119,11 +130,11 @@ def minimise(
     """
     t0 = time.perf_counter()
     # data-term baseline: CC values at the start (precision of the float32 cost, see objective)
-    base = _pair_values({k: jnp.asarray(v) for k, v in params.items()}, data, options)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    free, fixed = _split(params, free_keys)
+    base = _pair_values(params, data, options)
     data = {**data, "cc_base": base}
     offset = -float(np.sum(np.asarray(data["weight"], np.float64) * np.asarray(base, np.float64)))
-    free = {k: jnp.asarray(params[k]) for k in free_keys}
-    fixed = {k: jnp.asarray(v) for k, v in params.items() if k not in free_keys}
     if not free:
         c, _ = value_and_grad({}, fixed, data, options)
         c = float(c) + offset
@@ -159,8 +170,7 @@ def minimise(
         callback=cb,
         options={"maxiter": int(max_iter), "maxcor": 6, "ftol": float(ftol), "gtol": 1e-6},
     )
-    out = dict(params)
-    out.update(_unflatten(jnp.asarray(res.x, dtype), spec))
+    out = dataclasses.replace(params, **_unflatten(jnp.asarray(res.x, dtype), spec))
     info = MinimiseInfo(
         cost_initial=float(c0) + offset,
         cost_final=float(res.fun) + offset,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 from polish3d import geometry
 from polish3d.refine.objective import tilt_transforms
 
-__all__ = ["build_data", "initial_params", "pad_to_bucket", "results_from_params"]
+__all__ = ["Stage2Params", "build_data", "initial_params", "pad_to_bucket", "results_from_params"]
 
 
 def pad_to_bucket(n: int, bucket: int = 64) -> int:
@@ -91,13 +92,40 @@ def build_data(
     }
 
 
-def initial_params(n_tilts: int, n_particles: int) -> dict:
-    """All-zero parameters (the current geometry)."""
-    return {
-        "tilt_angles": jnp.zeros((n_tilts, 3), jnp.float32),
-        "tilt_shifts": jnp.zeros((n_tilts, 2), jnp.float32),
-        "positions": jnp.zeros((n_particles, 3), jnp.float32),
-    }
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["tilt_angles", "tilt_shifts", "positions", "motion", "deformation"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class Stage2Params:
+    """The stage-2 parameters (a pytree; float32 arrays, all zero at the current geometry).
+
+    Attributes:
+        tilt_angles: ``(F, 3)`` small camera-frame rotations, in units of
+            ``data["angle_unit_rad"]`` radians (see :mod:`polish3d.refine.objective`).
+        tilt_shifts: ``(F, 2)`` 2D shifts of the tilt images (pixels).
+        positions: ``(N_pad, 3)`` particle position changes (tomogram pixels).
+        motion: the motion model's coefficients (:mod:`polish3d.refine.motion`), or ``None``.
+        deformation: the deformation update (:mod:`polish3d.refine.deformation`), or ``None``.
+    """
+
+    tilt_angles: jax.Array
+    tilt_shifts: jax.Array
+    positions: jax.Array
+    motion: jax.Array | None = None
+    deformation: jax.Array | None = None
+
+
+def initial_params(n_tilts: int, n_particles: int, **models) -> Stage2Params:
+    """All-zero parameters (the current geometry); ``models``: the optional blocks' start values
+    (``motion=``, ``deformation=``)."""
+    return Stage2Params(
+        tilt_angles=jnp.zeros((n_tilts, 3), jnp.float32),
+        tilt_shifts=jnp.zeros((n_tilts, 2), jnp.float32),
+        positions=jnp.zeros((n_particles, 3), jnp.float32),
+        **models,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("fix_gauge",))
@@ -105,7 +133,7 @@ def _tilt_transforms(params, data, fix_gauge):
     return tilt_transforms(params, data, fix_gauge=fix_gauge)
 
 
-def results_from_params(params: dict, data: dict, options, n_particles: int):
+def results_from_params(params: Stage2Params, data: dict, options, n_particles: int):
     """New projection matrices ``(F, 4, 4)`` and positions ``(N, 3)`` (float64) from parameters.
 
     The update is applied to the float64 input geometry: ``P_new = ΔP · P`` with ``ΔP`` computed
@@ -118,7 +146,7 @@ def results_from_params(params: dict, data: dict, options, n_particles: int):
     u, _, vt = np.linalg.svd(delta[:, :3, :3])
     delta[:, :3, :3] = u @ vt
     delta[:, 3] = [0, 0, 0, 1]
-    pos = np.asarray(params["positions"], np.float64)[:n_particles]
+    pos = np.asarray(params.positions, np.float64)[:n_particles]
     if options.fix_gauge_positions:
         pos = pos - pos.mean(0, keepdims=True)
     return delta, pos

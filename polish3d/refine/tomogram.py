@@ -3,7 +3,9 @@
 Arrays in, arrays out: :func:`refine_tomogram` takes the typed records of :mod:`polish3d.model`,
 the tilt stack (any ``(F, H, W)`` array-like, e.g. a memmap) and the two prepared half maps, and
 returns a :class:`~polish3d.model.TomogramResult`. It never prints; progress goes to an optional
-callback ``progress(event: str, **figures)``.
+callback ``progress(event: str, **figures)``. The stages it runs are in
+:mod:`polish3d.refine.stages`; this module holds the options, the preparation of the constants
+(references, noise spectra, dose and CTF) and the driver.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from polish3d import geometry, imaging
 from polish3d.errors import InputError
 from polish3d.model import ParticleData, TiltSeriesData, TomogramResult
-from polish3d.refine import ccmaps, likelihood, optimise, stage2
+from polish3d.refine import ccmaps, optimise, stage2, stages
 
 __all__ = [
     "AlignConfig",
@@ -29,7 +31,11 @@ __all__ = [
     "prepare_tomogram_constants",
     "reference_envelope",
     "refine_tomogram",
+    "setup",
 ]
+
+#: (imported from here by the reconstruction and the alignment's visibility checks)
+_visible = stages.visible_boxes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +146,8 @@ def prepare_references(half1, half2, box: int, mask=None, *, names=("half map 1"
         )
     if half1.shape[0] > box:
         raise InputError(
-            f"reference {names[0]} is {half1.shape[0]} px, larger than the box --b {box}; "
-            "use a larger --b or a smaller reference"
+            f"reference {names[0]} is {half1.shape[0]} px, larger than the box ({box} px); "
+            "use a larger box or a smaller reference"
         )
     if mask is not None:
         mask = np.asarray(mask, np.float32)
@@ -210,7 +216,7 @@ def _dose_stack(pre_exposure, pixel_size, bfactor, box: int):
 
 def prepare_tomogram_constants(
     ts: TiltSeriesData, stack, refs_ft, envelope: np.ndarray, config: AlignConfig
-) -> dict:
+) -> ccmaps.CCInputs:
     """The CC-stage constants of one tomogram (weights, dose, CTF parameters, references)."""
     box = config.box
     noise = noise_spectra(stack, box)
@@ -220,12 +226,10 @@ def prepare_tomogram_constants(
         srp=config.srp, hp=config.hp, cutoff_fract=config.cutoff_fract,
     )
     dose = np.where(weights > 0, dose, 0.0)
-    return {
-        "refs": refs_ft,
-        "weights": jnp.asarray(weights),
-        "dose": jnp.asarray(dose, jnp.float32),
+    return ccmaps.CCInputs(
+        refs=refs_ft, weights=jnp.asarray(weights), dose=jnp.asarray(dose, jnp.float32),
         **ctf_constants(ts, ts.pixel_size_ang),
-    }
+    )
 
 
 def dose_weight_stack(ts: TiltSeriesData, box: int, pixel_size_ang: float) -> np.ndarray:
@@ -257,22 +261,6 @@ def ctf_constants(ts: TiltSeriesData, pixel_size_ang: float) -> dict:
     }
 
 
-def _pass_record(outer: int, recomputed_pairs: int, blur_px: float, cc_seconds: float, info, **extra) -> dict:
-    """One entry of ``metrics["outer"]``: a CC pass (or final exact pass) and its L-BFGS run."""
-    return {
-        "outer": outer,
-        "recomputed_pairs": recomputed_pairs,
-        "blur_px": blur_px,
-        "cost_initial": info.cost_initial,
-        "cost_final": info.cost_final,
-        "iterations": info.iterations,
-        "converged": info.converged,
-        "cc_seconds": cc_seconds,
-        "lbfgs_seconds": info.seconds,
-        **extra,
-    }
-
-
 def coarse_box(box: int, r: float) -> int:
     """Box of the per-tilt shift search: at least ``4·r`` so shifts up to ~``2r`` are captured."""
     need = int(math.ceil(4.0 * r))
@@ -294,39 +282,6 @@ def _padded_problem(refs_ft, envelope: np.ndarray, box: int, cbox: int):
     return refs_c.astype(jnp.complex64), env_c
 
 
-def _median_and_robust_sigma(a: np.ndarray, axis=None):
-    """Median and robust standard deviation (1.4826 × median absolute deviation) along ``axis``."""
-    med = np.median(a, axis=axis, keepdims=True)
-    sigma = 1.4826 * np.median(np.abs(a - med), axis=axis, keepdims=True)
-    return np.squeeze(med, axis), np.squeeze(sigma, axis)
-
-
-def _visible(u: np.ndarray, image_size_px, box: int) -> np.ndarray:
-    w, h = image_size_px
-    half = box / 2.0
-    return (
-        (u[..., 0] > half) & (u[..., 0] < w - half) & (u[..., 1] > half) & (u[..., 1] < h - half)
-    )
-
-
-def _parabolic_peak(m: np.ndarray) -> np.ndarray:
-    """Sub-pixel peak ``(x, y)`` of a periodic map ``[y, x]`` (zero shift at index 0)."""
-    s = m.shape[-1]
-    iy, ix = np.unravel_index(np.argmax(m), m.shape)
-
-    def refine(a, b, c):
-        den = a - 2 * b + c
-        return 0.0 if den >= 0 else 0.5 * (a - c) / den
-
-    dx = refine(m[iy, (ix - 1) % s], m[iy, ix], m[iy, (ix + 1) % s])
-    dy = refine(m[(iy - 1) % s, ix], m[iy, ix], m[(iy + 1) % s, ix])
-    x = ix + dx
-    y = iy + dy
-    x = x - s if x > s / 2 else x
-    y = y - s if y > s / 2 else y
-    return np.array([x, y])
-
-
 def refine_tomogram(
     ts: TiltSeriesData,
     particles: ParticleData,
@@ -340,6 +295,10 @@ def refine_tomogram(
     progress: Callable[..., None] | None = None,
 ) -> TomogramResult:
     """Refine the per-tilt projections and particle positions of one tomogram.
+
+    The stages of :mod:`polish3d.refine.stages` in turn: per-tilt shift search, outer passes
+    (CC windows → L-BFGS, with the rescue of lost particles), final passes on the exact CC,
+    summary.
 
     Args:
         ts: the tilt series (geometry, CTF, dose).
@@ -357,87 +316,42 @@ def refine_tomogram(
     """
     t_start = time.perf_counter()
     report = progress or (lambda *a, **k: None)
-    box = config.box
-    f = ts.n_tilts
-    n = particles.n_particles
-    seq = geometry.dose_order(ts.pre_exposure_e_per_ang2)
-    rank = np.empty(f, int)
-    rank[seq] = np.arange(f)
-    kmax = f - 1 if config.max_frame < 0 else min(config.max_frame, f - 1)
-    frame_ok = (rank >= config.min_frame) & (rank <= kmax)
+    problem, state = setup(ts, particles, stack, refs_ft, envelope, config, motion, deformation, report)
+    start = state.copy()  # the input geometry
+    if config.coarse_shift or config.shift_only:
+        stages.coarse_shift_search(problem, state)
+    stages.outer_passes(problem, state)
+    stages.exact_passes(problem, state)
+    return stages.summarise(problem, start, state, t_start)
 
+
+def setup(ts, particles, stack, refs_ft, envelope, config: AlignConfig, motion, deformation, report):
+    """The constants of one tomogram's refinement and its start state (the input geometry).
+
+    Returns:
+        ``(stages.TomogramProblem, stages.RefineState)``.
+    """
+    box, f, n = config.box, ts.n_tilts, particles.n_particles
+    rank = np.empty(f, int)
+    rank[geometry.dose_order(ts.pre_exposure_e_per_ang2)] = np.arange(f)
+    kmax = f - 1 if config.max_frame < 0 else min(config.max_frame, f - 1)
     const = prepare_tomogram_constants(ts, stack, refs_ft, envelope, config)
-    chunk = config.chunk if config.chunk > 0 else (8 if jax.default_backend() == "cpu" else 64)
-    p_cur = np.asarray(ts.projections, np.float64).copy()
-    x_cur = np.asarray(particles.positions_px, np.float64).copy()
-    centre = geometry.tomogram_centre_px(ts.tomo_size_px)
-    hw = int(math.ceil(config.r)) + 2
+    cbox = coarse_box(box, config.r)
+    coarse_const = None
+    if config.coarse_shift or config.shift_only:
+        coarse_const = const
+        if cbox != box:
+            refs_c, env_c = _padded_problem(refs_ft, envelope, box, cbox)
+            coarse_config = dataclasses.replace(config, box=cbox)
+            coarse_const = prepare_tomogram_constants(ts, stack, refs_c, env_c, coarse_config)
     n_pad = stage2.pad_to_bucket(n)
     plugins = _build_plugins(ts, particles, config, motion, deformation, n_pad, report)
-    motion_plugin = plugins.get("motion")
-    deform_plugin = plugins.get("deformation")
-    plugin_params = {k: pl.init_params() for k, pl in plugins.items()}
-
-    def offsets_now():
-        """Per-tilt 3D offsets (N, F, 3): the motion model's current trajectories, or the input's."""
-        if motion_plugin is not None:
-            return motion_plugin.trajectories(plugin_params["motion"])
-        if particles.trajectories_px is not None:
-            return np.asarray(particles.trajectories_px, np.float64)
-        return np.zeros((n, f, 3))
-
-    def current_geometry(p, x):
-        pts = x[:, None, :] + offsets_now()  # (N, F, 3)
-        u = np.einsum("fij,nfj->nfi", p[:, :2, :3], pts) + p[None, :, :2, 3]
-        if deform_plugin is not None:
-            u = deform_plugin.deform(plugin_params["deformation"], u)
-        depth = np.einsum("fj,nfj->nf", p[:, 2, :3], pts) + p[None, :, 2, 3]
-        cdepth = p[:, 2, :3] @ centre + p[:, 2, 3]
-        rot = np.einsum("fij,njk->nfik", p[:, :3, :3], particles.rotations)
-        vis = _visible(u, ts.image_size_px, box) & frame_ok[None, :]
-        if hasattr(stack, "usable"):  # io.stacks.StackView: leave out boxes mostly in masked pixels
-            vis &= stack.usable(u, box)
-        return u, depth, cdepth, rot, vis
-
-    u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
-    u_input = u
-    metrics: dict = {"outer": [], "n_particles": n, "n_tilts": f}
-
-    if config.coarse_shift or config.shift_only:
-        t0 = time.perf_counter()
-        sub = np.unique(np.linspace(0, n - 1, min(n, config.coarse_particles)).astype(int))
-        cbox = coarse_box(box, config.r)
-        if cbox == box:
-            const_c = const
-        else:
-            refs_c, env_c = _padded_problem(refs_ft, envelope, box, cbox)
-            const_c = prepare_tomogram_constants(
-                ts, stack, refs_c, env_c, dataclasses.replace(config, box=cbox)
-            )
-        _, total = ccmaps.compute_cc_windows(
-            stack, u[sub], rot[sub], depth[sub], cdepth, particles.half_set[sub], vis[sub], const_c,
-            box=cbox, half_width=hw, chunk=chunk, want_sum=True,
-        )
-        shifts = np.stack([_parabolic_peak(total[j]) for j in range(f)])
-        # accept a tilt's shift only where the summed CC has a clear peak (robust z-score)
-        flat = total.reshape(f, -1)
-        med, sigma = _median_and_robust_sigma(flat, axis=1)
-        weak = (flat.max(axis=1) - med) / np.maximum(sigma, 1e-30) < config.coarse_min_z
-        shifts[weak] = 0.0
-        metrics["coarse_rejected_tilts"] = np.flatnonzero(weak).tolist()
-        shifts[~frame_ok] = 0.0
-        if config.const_s:
-            shifts[:] = 0.0
-        p_cur[:, :2, 3] += shifts
-        report("coarse_shift", max_shift_px=float(np.abs(shifts).max()), seconds=time.perf_counter() - t0)
-        metrics["coarse_shifts_px"] = shifts.tolist()
-
     options = optimise.StageOptions(
         range_reg=config.range_reg,
         fix_gauge_positions=not config.const_p and not config.const_s,
         fix_gauge_angles=not config.const_a and not config.const_p,
-        motion=None if motion_plugin is None else motion_plugin.static,
-        deformation=None if deform_plugin is None else deform_plugin.static,
+        motion=None if "motion" not in plugins else plugins["motion"].static,
+        deformation=None if "deformation" not in plugins else plugins["deformation"].static,
     )
     free = []
     if not config.const_a and not config.shift_only:
@@ -447,221 +361,20 @@ def refine_tomogram(
     if not config.const_p and not config.shift_only:
         free.append("positions")
     free += [k for k, pl in plugins.items() if pl.free]
-
-    def stage2_problem(u, store, weight, **extra):
-        """Stage-2 data (current geometry, CC store, input motion, plug-ins) and start point."""
-        data = stage2.build_data(
-            p_cur, x_cur, u, store, weight, tomo_size_px=ts.tomo_size_px,
-            image_size_px=ts.image_size_px, window_radius_px=config.r, n_pad=n_pad, **extra,
-        )
-        if motion_plugin is None and particles.trajectories_px is not None:
-            data["offsets"] = jnp.asarray(
-                np.concatenate([offsets_now(), np.zeros((n_pad - n, f, 3))], 0), jnp.float32
-            )
-        for pl in plugins.values():
-            data.update(pl.data(p_cur, x_cur))
-        params = stage2.initial_params(f, n_pad)
-        params.update(plugin_params)
-        return data, params
-    free = tuple(free)
-
-    n_outer = 1 if config.shift_only else max(config.outer, 1)
-    schedule = [float(b) for b in config.blur_px] or [0.0]
-    if schedule[-1] != 0.0:
-        schedule.append(0.0)
-    cc_before = None
-    per_tilt_cc: list[float] = []
-    prev = None  # (window centres, their visibility) of the previous pass
-    cc_store = None
-    for outer in range(n_outer):
-        u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
-        t0 = time.perf_counter()
-        if prev is None or config.full_recompute:
-            redo = np.ones((n, f), bool)
-            u0, vis0 = u, vis
-        else:
-            # recompute the windows of the particle–tilt pairs that drifted towards their
-            # window's edge (or became visible); the others keep theirs: their peaks are inside
-            u0, vis0 = prev[0].copy(), prev[1].copy()
-            drift = np.where(vis0, np.linalg.norm(u - u0, axis=-1), 0.0)
-            limit = config.recompute_px if config.recompute_px >= 0 else 0.6 * config.r
-            redo = (drift > limit) | (vis & ~vis0)
-            if not redo.any():
-                break
-            u0[redo], vis0[redo] = u[redo], vis[redo]
-        # one store for the windows, padded to the particle bucket, updated in place
-        if cc_store is None:
-            cc_store = np.zeros((n_pad, f, 2 * hw + 1, 2 * hw + 1), np.float32)
-        ccmaps.compute_cc_windows(
-            stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, half_width=hw,
-            chunk=chunk, pairs=redo, out=cc_store,
-        )
-        cc_raw = cc_store[:n]
-        prev = (u0, vis0)
-        t_cc = time.perf_counter() - t0
-        vis = vis0
-        weight = vis.astype(np.float32)
-        data, params = stage2_problem(u0, cc_store, weight)
-        cc_centre = cc_raw[:, :, hw, hw]
-        per_tilt_cc = [float(cc_centre[vis[:, j], j].mean()) if vis[:, j].any() else 0.0 for j in range(f)]
-        if cc_before is None:
-            cc_before = per_tilt_cc
-        # coarse-to-fine on the same CC maps (first pass only): the stage-2 parameters carry over
-        cc_dev = data["cc"]
-        for blur in schedule if outer == 0 else [0.0]:
-            data["cc"] = ccmaps.blur_windows(cc_dev, blur) if blur > 0 else cc_dev
-
-            def cb(it, cost, outer=outer):
-                if it < 10 or (it < 100 and it % 10 == 0) or it % 100 == 0:
-                    report("iteration", outer=outer, iteration=it, cost=cost)
-
-            # the low-passed stages only need to bring every pair into its peak's basin
-            params, info = optimise.minimise(
-                params, data, options, free_keys=free, callback=cb,
-                max_iter=config.it if blur == 0 else min(config.it, 60),
-                ftol=1e-10 if blur == 0 else 1e-7,
-            )
-            step = _pass_record(outer, int((redo & vis0).sum()), blur, t_cc, info)
-            t_cc = 0.0
-            metrics["outer"].append(step)
-        delta, dpos = stage2.results_from_params(params, data, options, n)
-        p_new = delta @ p_cur
-        x_new = x_cur + dpos if "positions" in free else x_cur
-        plugin_params = {k: params[k] for k in plugins}
-        u_new = current_geometry(p_new, x_new)[0]
-        move = np.linalg.norm(u_new - u, axis=-1)
-        vis_any = vis.any()
-        step.update(
-            move_rms_px=float(np.sqrt(np.mean(move[vis] ** 2))) if vis_any else 0.0,
-            move_max_px=float(move[vis].max()) if vis_any else 0.0,
-            mean_cc=float(np.mean(cc_centre[vis])) if vis_any else 0.0,
-        )
-        report("outer", **step)
-        p_cur, x_cur = p_new, x_new
-        rescued = 0
-        if outer == 0 and config.rescue and "positions" in free and n >= 8:
-            # particles left behind (their peaks outside their windows): a 3D search in
-            # full-box CC maps at the refined tilt geometry
-            vals = np.asarray(optimise.pair_values_at(params, data, options))[:n]
-            w = vis.astype(np.float64)
-            score_p = np.sum(vals * w, axis=1) / np.maximum(w.sum(axis=1), 1.0)
-            med, sigma = _median_and_robust_sigma(score_p)
-            lost = np.flatnonzero((score_p < med - config.rescue_z * sigma) & (w.sum(axis=1) >= 3))
-            metrics.setdefault("rescue_scores", score_p.tolist())
-            if lost.size:
-                t0 = time.perf_counter()
-                x_cur = x_cur.copy()
-                # the same predictions the CC windows use (motion, deformation, visibility)
-                u_g, depth_g, cdepth_g, rot_g, vis_g = current_geometry(p_cur, x_cur)
-                x_cur[lost] += _rescue_search(
-                    stack, p_cur, u_g[lost], depth_g[lost], cdepth_g, rot_g[lost], vis_g[lost],
-                    particles.half_set[lost], const, box, chunk,
-                )
-                rescued = int(lost.size)
-                report("rescue", particles=rescued, seconds=time.perf_counter() - t0)
-            metrics.setdefault("rescued_particles", []).extend(lost.tolist())
-        if (
-            not rescued
-            and step["move_rms_px"] < config.tol_rms_px
-            and step["move_max_px"] < config.tol_max_px
-        ):
-            break
-
-    # final stage: the exact CC (phase ramps, no grid) at the refined geometry
-    n_exact = 0 if config.shift_only else max(config.exact_passes, 0)
-    n_loops = 1 + max((st["outer"] for st in metrics["outer"]), default=-1)
-    # the deformation field stays as refined on the windows: it is smooth over many particles
-    # (the grid bias averages out) and its poorly conditioned coefficients would need another
-    # ~1000 L-BFGS iterations for no measurable gain (bench_deformation: 0.1543 px either way)
-    free_exact = tuple(k for k in free if k != "deformation")
-    cc_store = None  # the windows are not needed any more (memory)
-    for exact_pass in range(n_exact):
-        u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
-        t0 = time.perf_counter()
-        taylor = likelihood.compute_taylor(
-            stack, u, rot, depth, cdepth, particles.half_set, vis, const, box=box, chunk=chunk,
-            n_pad=n_pad,
-        )
-        t_cc = time.perf_counter() - t0
-        data, params = stage2_problem(u, taylor, vis.astype(np.float32),
-                                      taylor_radius_px=config.exact_radius_px)
-
-        index = n_loops + exact_pass  # numbered after the outer iterations
-
-        def cb_exact(it, cost, index=index):
-            if it < 10 or it % 10 == 0:
-                report("iteration", outer=index, iteration=it, cost=cost)
-
-        params, info = optimise.minimise(
-            params, data, options, free_keys=free_exact, callback=cb_exact, max_iter=config.it,
-            ftol=config.exact_ftol,
-        )
-        delta, dpos = stage2.results_from_params(params, data, options, n)
-        p_new = delta @ p_cur
-        x_new = x_cur + dpos if "positions" in free else x_cur
-        plugin_params = {k: params[k] for k in plugins}
-        move = np.linalg.norm(current_geometry(p_new, x_new)[0] - u, axis=-1)
-        step = _pass_record(
-            index, int(vis.sum()), 0.0, t_cc, info, exact=True,
-            move_rms_px=float(np.sqrt(np.mean(move[vis] ** 2))) if vis.any() else 0.0,
-            move_max_px=float(move[vis].max()) if vis.any() else 0.0,
-        )
-        metrics["outer"].append(step)
-        report("outer", **step)
-        p_cur, x_cur = p_new, x_new
-        del data
-        if step["move_max_px"] < config.exact_tol_max_px:
-            break
-
-    u_final = current_geometry(p_cur, x_cur)[0]
-    disp = np.linalg.norm(u_final - u_input, axis=-1)
-    metrics["per_tilt_cc_first"] = cc_before
-    metrics["per_tilt_cc_last"] = per_tilt_cc
-    metrics["per_tilt_displacement_rms_px"] = [
-        float(np.sqrt(np.mean(disp[:, j] ** 2))) for j in range(f)
-    ]
-    metrics["displacement_rms_px"] = float(np.sqrt(np.mean(disp**2)))
-    metrics["displacement_max_px"] = float(disp.max()) if disp.size else 0.0
-    result = TomogramResult(
-        name=ts.name,
-        projections=p_cur,
-        positions_px=None if config.shift_only else x_cur,
-        trajectories_px=particles.trajectories_px,
-        deformation=ts.deformation,
-        metrics=metrics,
+    problem = stages.TomogramProblem(
+        ts=ts, particles=particles, stack=stack, config=config, const=const, coarse_const=coarse_const,
+        coarse_box_px=cbox, half_width_px=int(math.ceil(config.r)) + 2, n_pad=n_pad,
+        chunk=config.chunk if config.chunk > 0 else (8 if jax.default_backend() == "cpu" else 64),
+        frame_ok=(rank >= config.min_frame) & (rank <= kmax), plugins=plugins, options=options,
+        free=tuple(free), report=report,
     )
-    for pl in plugins.values():
-        pl.finish(plugin_params[pl.key], result)
-    metrics["seconds"] = time.perf_counter() - t_start
-    return result
-
-
-def _rescue_search(stack, p, u, depth, cdepth, rot, vis, half_set, const, box, chunk) -> np.ndarray:
-    """3D position corrections ``(m, 3)`` (pixels) of lost particles by exhaustive search.
-
-    ``u, depth, rot, vis`` are the lost particles' current predictions (as for the CC windows)
-    and ``cdepth`` the tomogram centre's depth per tilt. Full-box CC maps (displacements up to
-    ``±(s/2 − 2)``) are computed there; every integer 3D displacement ``δ`` within that range is
-    scored by the sum over tilts of the maps at the projected displacement ``P_f[:2,:3]·δ``
-    (nearest sample), and the best one is returned (the following outer iteration refines it).
-    """
-    hw = box // 2 - 2
-    win, _ = ccmaps.compute_cc_windows(
-        stack, u, rot, depth, cdepth, half_set, vis, const, box=box, half_width=hw, chunk=chunk,
+    state = stages.RefineState(
+        projections=np.asarray(ts.projections, np.float64).copy(),
+        positions_px=np.asarray(particles.positions_px, np.float64).copy(),
+        plugin_params={k: pl.init_params() for k, pl in plugins.items()},
+        metrics={"outer": [], "n_particles": n, "n_tilts": f},
     )
-    g = np.arange(-hw, hw + 1, dtype=np.float64)
-    grid = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    du = np.einsum("fij,gj->gfi", p[:, :2, :3], grid)  # (G, F, 2)
-    ix = np.rint(du[..., 0]).astype(np.int64) + hw
-    iy = np.rint(du[..., 1]).astype(np.int64) + hw
-    inside = (ix >= 0) & (ix <= 2 * hw) & (iy >= 0) & (iy <= 2 * hw)
-    ixc, iyc = np.clip(ix, 0, 2 * hw), np.clip(iy, 0, 2 * hw)
-    f_idx = np.broadcast_to(np.arange(p.shape[0])[None, :], ix.shape)
-    out = np.zeros((len(u), 3))
-    for k in range(len(u)):
-        vals = win[k][f_idx, iyc, ixc] * (inside & vis[k][None, :])
-        out[k] = grid[np.argmax(vals.sum(axis=1))]
-    return out
+    return problem, state
 
 
 def _build_plugins(ts, particles, config, motion, deformation, n_pad, report) -> dict:

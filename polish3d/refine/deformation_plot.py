@@ -1,0 +1,125 @@
+"""Picture of a 2D tilt-image deformation (:mod:`polish3d.refine.deformation`) as a PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polish3d.model import Deformation
+from polish3d.refine.deformation import evaluate
+
+__all__ = ["plot_deformation"]
+
+
+def _nice_scale(raw: float) -> float:
+    """The largest of 1, 2, 5 × 10^k not above ``raw`` (at least 1)."""
+    if raw <= 1.0:
+        return 1.0
+    e = 10.0 ** math.floor(math.log10(raw))
+    return max(m * e for m in (1.0, 2.0, 5.0, 10.0) if m * e <= raw)
+
+
+def _grid_lines(deformation: Deformation, w: float, h: float, subdiv: int, steps: int) -> list:
+    """``[(points (steps, 2) px, main line?)]``: the lines of the node grid (``gw × gh``, or
+    3 × 3 for ``linear``), ``subdiv`` lines per cell, vertical ones first."""
+    gw, gh = deformation.grid_size if deformation.model != "linear" else (3, 3)
+    gw, gh = max(int(gw), 2), max(int(gh), 2)
+    lines = []
+    t = np.linspace(0.0, 1.0, steps)
+    for i in range((gw - 1) * subdiv + 1):
+        x = i / subdiv * w / (gw - 1)
+        lines.append((np.stack([np.full_like(t, x), t * h], -1), i % subdiv == 0))
+    for i in range((gh - 1) * subdiv + 1):
+        y = i / subdiv * h / (gh - 1)
+        lines.append((np.stack([t * w, np.full_like(t, y)], -1), i % subdiv == 0))
+    return lines
+
+
+def _draw_panel(ax, lines, field: np.ndarray, scale: float, w: float, h: float, label: str, many: bool):
+    """One panel: the undeformed lines (light) and the lines moved by ``scale·field`` (dark)."""
+    start = 0
+    for p, main in lines:
+        seg = field[start:start + len(p)]
+        start += len(p)
+        ax.plot(p[:, 0], p[:, 1], color=(0.6, 0.6, 1.0) if main else (0.8, 0.8, 1.0), lw=0.6 if main else 0.3)
+        q = p + scale * seg
+        ax.plot(q[:, 0], q[:, 1], color="k" if main else "0.45", lw=0.9 if main else 0.4)
+    ax.set_aspect("equal")
+    ax.set_xlim(-0.08 * w, 1.08 * w)
+    ax.set_ylim(1.08 * h, -0.08 * h)  # y down, as in the image
+    rms = float(np.sqrt(np.mean(np.sum(field**2, -1))))
+    ax.set_title(f"{label}: RMS {rms:.2f} px", fontsize=9 if many else 11)
+    if many:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    else:
+        ax.set_xlabel("x (px)")
+        ax.set_ylabel("y (px)")
+
+
+def plot_deformation(deformation: Deformation, image_size_px, path, *, scale: float | None = None,
+                     title: str = "", subdiv: int = 4, steps: int = 100) -> Path:
+    """Draw the deformed node grid (exaggerated) over the undeformed one, as a PNG.
+
+    One panel per distinct coefficient row (a per-series deformation gives one panel, a per-tilt
+    one a panel per tilt, labelled with the file-order tilt index). Grid lines follow RELION's
+    picture (``temp/<tomo>_deformations.eps``): main lines at the nodes (``gw × gh``, or 3 × 3
+    for ``linear``), ``subdiv`` thinner lines per cell, each deformed by ``scale·def(u)``.
+
+    Args:
+        deformation: the deformation (coefficients per tilt).
+        image_size_px: ``(W, H)``.
+        path: the PNG to write (folders are created).
+        scale: exaggeration factor; default: so that the largest displacement of all panels is
+            drawn as about 15 % of the smaller image side (at least 1), rounded down to 1–2–5
+            steps.
+        title: title prefix (e.g. the tomogram name).
+        subdiv, steps: thin lines per cell, points per line.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    w, h = (float(v) for v in image_size_px)
+    rows, index = np.unique(np.asarray(deformation.coefficients, np.float64), axis=0, return_index=True)
+    order = np.argsort(index)
+    rows, index = rows[order], index[order]
+    lines = _grid_lines(deformation, w, h, subdiv, steps)
+    pts = np.concatenate([p for p, _ in lines])
+    with jax.enable_x64(True):
+        fields = [
+            np.asarray(evaluate(deformation.model, deformation.grid_size, (w, h), r, jnp.asarray(pts)))
+            for r in rows
+        ]
+    dmax = max((float(np.max(np.linalg.norm(fd, axis=-1))) for fd in fields), default=0.0)
+    if scale is None:
+        scale = _nice_scale(0.15 * min(w, h) / dmax) if dmax > 0 else 1.0
+    n = len(rows)
+    ncol = math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    size = 3.2 if n > 1 else 6.0
+    fig_size = (size * ncol, (size * h / w + 0.35) * nrow + 0.6)
+    fig, axes = plt.subplots(nrow, ncol, figsize=fig_size, squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        if k >= n:
+            ax.axis("off")
+            continue
+        label = "all tilts" if n == 1 else f"tilt {int(index[k]) + 1}"
+        _draw_panel(ax, lines, fields[k], scale, w, h, label, n > 1)
+    head = f"{title}: " if title else ""
+    grid_txt = tuple(int(v) for v in deformation.grid_size)
+    fig.suptitle(f"{head}{deformation.model} deformation {grid_txt}, displacements ×{scale:g}")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
