@@ -33,82 +33,17 @@ __all__ = ["evaluate_deformation", "project_particles", "register_cli", "rigid_a
 
 
 # ----------------------------------------------------------------------------------------------
-# deformation models (numpy, RELION layouts; spec §4)
+# projecting: the refinement's forward model (polish3d.refine.forward), fields in float64
 # ----------------------------------------------------------------------------------------------
-
-
-def _spline(coeffs, grid, image_size, pts):
-    gw, gh = grid
-    w, h = image_size
-    c = np.asarray(coeffs, dtype=np.float64).reshape(2, gh, gw, 4)
-    spacing = np.array([w / (gw - 1), h / (gh - 1)])
-    g = pts / spacing
-    eps = 1e-10
-    g = np.clip(g, 0.0, np.array([gw - 1 - eps, gh - 1 - eps]))
-    cell = np.floor(g).astype(int)
-    fr = g - cell
-
-    def basis(t):
-        t2, t3 = t * t, t * t * t
-        return np.stack([1 - 3 * t2 + 2 * t3, 3 * t2 - 2 * t3, t - 2 * t2 + t3, -t2 + t3], -1)
-
-    vx, vy = basis(fr[:, 0]), basis(fr[:, 1])
-    cx, cy = cell[:, 0], cell[:, 1]
-    out = np.zeros_like(pts, dtype=np.float64)
-    for dim in range(2):
-        d00 = c[dim, cy, cx]
-        d01 = c[dim, cy + 1, cx]
-        d10 = c[dim, cy, cx + 1]
-        d11 = c[dim, cy + 1, cx + 1]
-        # F rows: (x-corner 0 values, x-corner 1 values, x-corner 0 x-slopes, x-corner 1 x-slopes)
-        f = np.stack(
-            [
-                np.stack([d00[:, 0], d01[:, 0], d00[:, 2], d01[:, 2]], -1),
-                np.stack([d10[:, 0], d11[:, 0], d10[:, 2], d11[:, 2]], -1),
-                np.stack([d00[:, 1], d01[:, 1], d00[:, 3], d01[:, 3]], -1),
-                np.stack([d10[:, 1], d11[:, 1], d10[:, 3], d11[:, 3]], -1),
-            ],
-            -2,
-        )
-        out[:, dim] = np.einsum("ni,nij,nj->n", vx, f, vy)
-    return out
-
-
-def _fourier_freqs(grid):
-    gw, gh = grid
-    freqs = []
-    for iy in range(gh):
-        if iy < gh // 2:
-            for ix in range(0 if iy > 0 else 1, gw // 2 + 1):
-                freqs.append((ix, iy))
-        else:
-            for ix in range(1, gw // 2 + 1):
-                freqs.append((ix, iy - gh))
-    return np.asarray(freqs, dtype=np.float64).reshape(-1, 2)
-
-
-def _fourier(coeffs, grid, image_size, pts):
-    w, h = image_size
-    fr = _fourier_freqs(grid)
-    k = fr * np.array([np.pi / w, np.pi / h])
-    c = np.asarray(coeffs, dtype=np.float64).reshape(2, len(fr), 2)
-    ph = pts @ k.T  # (n, n_freq)
-    cos, sin = np.cos(ph), np.sin(ph)
-    return np.stack([cos @ c[d, :, 0] + sin @ c[d, :, 1] for d in range(2)], -1)
-
-
-def _linear(coeffs, image_size, pts):
-    a = np.asarray(coeffs, dtype=np.float64)
-    r = pts - np.array([image_size[0] / 2.0, image_size[1] / 2.0])
-    return np.stack([a[0] * r[:, 0], a[1] * r[:, 0] + a[2] * r[:, 1]], -1)
 
 
 def evaluate_deformation(deformation: Deformation | None, image_size_px, points_px, tilt: int):
     """The 2D deformation ``def_j(u)`` (pixels) of tilt ``tilt`` at image points ``u``.
 
-    Implements RELION's ``spline`` (cubic Hermite on a ``gw × gh`` node grid spanning the image,
-    layout ``((dim·gh + iy)·gw + ix)·4 + {value, slope_x, slope_y, twist}``), ``linear``
-    (``(a_xx·rx, a_xy·rx + a_yy·ry)`` about the image centre) and ``Fourier`` models (spec §4).
+    RELION's ``spline`` (cubic Hermite on a ``gw × gh`` node grid spanning the image, layout
+    ``((dim·gh + iy)·gw + ix)·4 + {value, slope_x, slope_y, twist}``), ``linear``
+    (``(a_xx·rx, a_xy·rx + a_yy·ry)`` about the image centre) and ``Fourier`` models (spec §4),
+    evaluated by the refinement's own model (:mod:`polish3d.refine.deformation`) in float64.
 
     Args:
         deformation: the model (``None`` ⇒ zeros).
@@ -119,45 +54,42 @@ def evaluate_deformation(deformation: Deformation | None, image_size_px, points_
     Returns:
         ``(N, 2)`` displacement to add to the points.
     """
+    from polish3d.refine import forward
+    from polish3d.refine.deformation import fixed_model
+
     pts = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
     if deformation is None:
         return np.zeros_like(pts)
-    c = np.asarray(deformation.coefficients)[tilt]
-    if deformation.model == "spline":
-        return _spline(c, deformation.grid_size, image_size_px, pts)
-    if deformation.model == "Fourier":
-        return _fourier(c, deformation.grid_size, image_size_px, pts)
-    if deformation.model == "linear":
-        return _linear(c, image_size_px, pts)
-    raise ValueError(f"unknown deformation model {deformation.model!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# reading and projecting
-# ----------------------------------------------------------------------------------------------
+    if deformation.model not in ("spline", "Fourier", "linear"):
+        raise ValueError(f"unknown deformation model {deformation.model!r}")
+    coeffs = np.asarray(deformation.coefficients, np.float64)[tilt : tilt + 1]
+    moved = forward.deform_host(pts[:, None, :], fixed_model(deformation, image_size_px), coeffs,
+                                field_dtype=np.float64)
+    return moved[:, 0] - pts
 
 
 def project_particles(ts, particles) -> np.ndarray:
     """``(N, F, 2)`` 2D positions of particles in every tilt (projection, motion, deformation).
 
+    The refinement's forward model (:func:`polish3d.refine.forward.predict_host`), with the
+    deformation field in float64.
+
     Args:
         ts: :class:`~polish3d.model.TiltSeriesData`.
         particles: :class:`~polish3d.model.ParticleData` (``trajectories_px`` used if present).
     """
+    from polish3d.refine import forward
+    from polish3d.refine.deformation import fixed_model
+
     x = np.asarray(particles.positions_px, dtype=np.float64)
+    pts = np.broadcast_to(x[:, None, :], (len(x), ts.n_tilts, 3))
     if particles.trajectories_px is not None:
-        pts = x[None] + np.transpose(np.asarray(particles.trajectories_px), (1, 0, 2))
-    else:
-        pts = x
-    uv = geo.project_points(ts.projections, pts)  # (F, N, 2)
-    if ts.deformation is not None:
-        uv = uv + np.stack(
-            [
-                evaluate_deformation(ts.deformation, ts.image_size_px, uv[j], j)
-                for j in range(len(uv))
-            ]
-        )
-    return np.transpose(uv, (1, 0, 2))
+        pts = pts + np.asarray(particles.trajectories_px, np.float64)
+    d = ts.deformation
+    model = None if d is None else fixed_model(d, ts.image_size_px)
+    u, _ = forward.predict_host(ts.projections, pts, model, None if d is None else d.coefficients,
+                                field_dtype=np.float64)
+    return u
 
 
 def _load(opt_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from polish3d.io.star import read_star, write_star
@@ -24,3 +25,104 @@ def edit_tilt_table(project: Path, edit) -> Path:
     t = read_star(f)["TS_01"]
     write_star(f, {"TS_01": edit(t)})
     return project / "tomograms.star"
+
+
+# ----------------------------------------------------------------------------------------------
+# an independent NumPy spelling of RELION's deformation models (spec §4), only as a cross-check
+# of the refinement's JAX model (polish3d.refine.deformation), which is what polish3d runs
+# ----------------------------------------------------------------------------------------------
+
+
+def _spline(coeffs, grid, image_size, pts):
+    gw, gh = grid
+    w, h = image_size
+    c = np.asarray(coeffs, dtype=np.float64).reshape(2, gh, gw, 4)
+    spacing = np.array([w / (gw - 1), h / (gh - 1)])
+    g = pts / spacing
+    eps = 1e-10
+    g = np.clip(g, 0.0, np.array([gw - 1 - eps, gh - 1 - eps]))
+    cell = np.floor(g).astype(int)
+    fr = g - cell
+
+    def basis(t):
+        t2, t3 = t * t, t * t * t
+        return np.stack([1 - 3 * t2 + 2 * t3, 3 * t2 - 2 * t3, t - 2 * t2 + t3, -t2 + t3], -1)
+
+    vx, vy = basis(fr[:, 0]), basis(fr[:, 1])
+    cx, cy = cell[:, 0], cell[:, 1]
+    out = np.zeros_like(pts, dtype=np.float64)
+    for dim in range(2):
+        d00 = c[dim, cy, cx]
+        d01 = c[dim, cy + 1, cx]
+        d10 = c[dim, cy, cx + 1]
+        d11 = c[dim, cy + 1, cx + 1]
+        # F rows: (x-corner 0 values, x-corner 1 values, x-corner 0 x-slopes, x-corner 1 x-slopes)
+        f = np.stack(
+            [
+                np.stack([d00[:, 0], d01[:, 0], d00[:, 2], d01[:, 2]], -1),
+                np.stack([d10[:, 0], d11[:, 0], d10[:, 2], d11[:, 2]], -1),
+                np.stack([d00[:, 1], d01[:, 1], d00[:, 3], d01[:, 3]], -1),
+                np.stack([d10[:, 1], d11[:, 1], d10[:, 3], d11[:, 3]], -1),
+            ],
+            -2,
+        )
+        out[:, dim] = np.einsum("ni,nij,nj->n", vx, f, vy)
+    return out
+
+
+def _fourier_freqs(grid):
+    gw, gh = grid
+    freqs = []
+    for iy in range(gh):
+        if iy < gh // 2:
+            for ix in range(0 if iy > 0 else 1, gw // 2 + 1):
+                freqs.append((ix, iy))
+        else:
+            for ix in range(1, gw // 2 + 1):
+                freqs.append((ix, iy - gh))
+    return np.asarray(freqs, dtype=np.float64).reshape(-1, 2)
+
+
+def _fourier(coeffs, grid, image_size, pts):
+    w, h = image_size
+    fr = _fourier_freqs(grid)
+    k = fr * np.array([np.pi / w, np.pi / h])
+    c = np.asarray(coeffs, dtype=np.float64).reshape(2, len(fr), 2)
+    ph = pts @ k.T  # (n, n_freq)
+    cos, sin = np.cos(ph), np.sin(ph)
+    return np.stack([cos @ c[d, :, 0] + sin @ c[d, :, 1] for d in range(2)], -1)
+
+
+def _linear(coeffs, image_size, pts):
+    a = np.asarray(coeffs, dtype=np.float64)
+    r = pts - np.array([image_size[0] / 2.0, image_size[1] / 2.0])
+    return np.stack([a[0] * r[:, 0], a[1] * r[:, 0] + a[2] * r[:, 1]], -1)
+
+
+def reference_deformation(deformation, image_size_px, points_px, tilt: int):
+    """The 2D deformation ``def_j(u)`` (pixels) of tilt ``tilt`` at image points ``u``.
+
+    Implements RELION's ``spline`` (cubic Hermite on a ``gw × gh`` node grid spanning the image,
+    layout ``((dim·gh + iy)·gw + ix)·4 + {value, slope_x, slope_y, twist}``), ``linear``
+    (``(a_xx·rx, a_xy·rx + a_yy·ry)`` about the image centre) and ``Fourier`` models (spec §4).
+
+    Args:
+        deformation: the model (``None`` ⇒ zeros).
+        image_size_px: ``(W, H)``.
+        points_px: ``(N, 2)`` positions ``(x, y)``.
+        tilt: row of ``deformation.coefficients``.
+
+    Returns:
+        ``(N, 2)`` displacement to add to the points.
+    """
+    pts = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
+    if deformation is None:
+        return np.zeros_like(pts)
+    c = np.asarray(deformation.coefficients)[tilt]
+    if deformation.model == "spline":
+        return _spline(c, deformation.grid_size, image_size_px, pts)
+    if deformation.model == "Fourier":
+        return _fourier(c, deformation.grid_size, image_size_px, pts)
+    if deformation.model == "linear":
+        return _linear(c, image_size_px, pts)
+    raise ValueError(f"unknown deformation model {deformation.model!r}")

@@ -138,3 +138,27 @@ def test_json_safe_gives_strict_json():
     out = json_safe(value)
     assert out == {"1": [1.0, None], "b": [2.5, None], "c": 3}
     json.dumps(out, allow_nan=False)
+
+
+@pytest.mark.parametrize("model, grid", [("spline", (3, 4)), ("Fourier", (3, 3)), ("linear", (3, 3))])
+def test_deformation_matches_an_independent_numpy_spelling(model, grid):
+    """The forward model's deformation fields (JAX, what runs) against tests/_helpers' NumPy
+    spelling of RELION's layouts, at random points and coefficients of two tilts."""
+    from _helpers import reference_deformation
+
+    rng = np.random.default_rng(3)
+    n = {"spline": 2 * grid[0] * grid[1] * 4, "linear": 3}.get(model)
+    if n is None:
+        n = 2 * 2 * len(reference_fourier_freqs(grid))
+    coeffs = rng.normal(scale=0.01 if model == "linear" else 1.0, size=(2, n))
+    d = Deformation(model, grid, coeffs)
+    pts = rng.uniform([0, 0], [300, 240], size=(50, 2))
+    for tilt in (0, 1):
+        np.testing.assert_allclose(evaluate_deformation(d, (300, 240), pts, tilt),
+                                   reference_deformation(d, (300, 240), pts, tilt), atol=1e-9)
+
+
+def reference_fourier_freqs(grid):
+    from _helpers import _fourier_freqs
+
+    return _fourier_freqs(grid)

@@ -67,31 +67,33 @@ _predict_jit = jax.jit(predict, static_argnames=("deformation",))
 _deform_jit = jax.jit(deform, static_argnames=("deformation",))
 
 
-def predict_host(projections, points_px, deformation=None, coefficients=None):
+def predict_host(projections, points_px, deformation=None, coefficients=None, *,
+                 field_dtype=np.float32):
     """:func:`predict` compiled, in float64 (NumPy in, NumPy out; host-side predictions).
 
     The projection runs in float64 (positions of thousands of pixels keep sub-µpx precision);
-    the deformation field in float32, like inside the objective.
+    the deformation field in ``field_dtype``: float32 as inside the objective (the refinement's
+    own predictions), float64 for measurements (``polish3d score``).
     """
     points_px = np.asarray(points_px, np.float64)
     if points_px.size == 0:
         n, f = points_px.shape[:2]
         return np.zeros((n, f, 2)), np.zeros((n, f))
-    coeffs = None if deformation is None else np.asarray(coefficients, np.float32)
+    coeffs = None if deformation is None else np.asarray(coefficients, field_dtype)
     with jax.enable_x64(True):
         u, depth = _predict_jit(
             np.asarray(projections, np.float64), points_px, deformation,
-            None if coeffs is None else jnp.asarray(coeffs, jnp.float32),
+            None if coeffs is None else jnp.asarray(coeffs),
         )
         return np.asarray(u, np.float64), np.asarray(depth, np.float64)
 
 
-
-def deform_host(u_px, deformation, coefficients) -> np.ndarray:
-    """:func:`deform` compiled, for NumPy positions ``(N, F, 2)`` (float64 in, float64 out)."""
+def deform_host(u_px, deformation, coefficients, *, field_dtype=np.float32) -> np.ndarray:
+    """:func:`deform` compiled, for NumPy positions ``(N, F, 2)`` (float64 in, float64 out; the
+    field in ``field_dtype``, see :func:`predict_host`)."""
     u_px = np.asarray(u_px, np.float64)
     if u_px.size == 0:
         return u_px
     with jax.enable_x64(True):
-        out = _deform_jit(u_px, deformation, jnp.asarray(np.asarray(coefficients, np.float32)))
+        out = _deform_jit(u_px, deformation, jnp.asarray(np.asarray(coefficients, field_dtype)))
         return np.asarray(out, np.float64)

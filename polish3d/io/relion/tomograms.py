@@ -48,6 +48,25 @@ log = logging.getLogger(__name__)
 
 
 
+#: per-tilt-series CTF/dose scalars of ``data_global``: field → (column, default; None: mandatory)
+_SERIES_CTF_COLUMNS = {
+    "defocus_slope": ("rlnTomoDefocusSlope", 1.0),
+    "voltage_kv": ("rlnVoltage", None),
+    "cs_mm": ("rlnSphericalAberration", None),
+    "amplitude_contrast": ("rlnAmplitudeContrast", None),
+    "bfactor_per_dose_ang2": ("rlnCtfBfactorPerElectronDose", 0.0),
+}
+#: per-tilt CTF columns of a tilt table: field → (column, default; None: mandatory)
+_TILT_CTF_COLUMNS = {
+    "defocus_u_ang": ("rlnDefocusU", None),
+    "defocus_v_ang": ("rlnDefocusV", None),
+    "defocus_angle_deg": ("rlnDefocusAngle", None),
+    "ctf_scale": ("rlnCtfScalefactor", 1.0),
+    "ctf_bfactor_ang2": ("rlnCtfBfactor", 0.0),
+    "phase_shift_deg": ("rlnPhaseShift", 0.0),
+}
+
+
 @dataclass
 class TomogramSet:
     """A RELION tomogram set: the global table and one per-tilt table per tilt series.
@@ -219,19 +238,13 @@ class TomogramSet:
             image_size_px=image_size,
             projections=projections,
             hand=hand,
-            defocus_slope=_scalar(row, "rlnTomoDefocusSlope", where_g, 1.0),
-            voltage_kv=_scalar(row, "rlnVoltage", where_g),
-            cs_mm=_scalar(row, "rlnSphericalAberration", where_g),
-            amplitude_contrast=_scalar(row, "rlnAmplitudeContrast", where_g),
-            bfactor_per_dose_ang2=_scalar(row, "rlnCtfBfactorPerElectronDose", where_g, 0.0),
             fractional_dose_e_per_ang2=frac,
-            defocus_u_ang=_numeric(table, "rlnDefocusU", where_t),
-            defocus_v_ang=_numeric(table, "rlnDefocusV", where_t),
-            defocus_angle_deg=_numeric(table, "rlnDefocusAngle", where_t),
-            ctf_scale=_optional(table, "rlnCtfScalefactor", 1.0, where_t),
-            ctf_bfactor_ang2=_optional(table, "rlnCtfBfactor", 0.0, where_t),
-            phase_shift_deg=_optional(table, "rlnPhaseShift", 0.0, where_t),
             pre_exposure_e_per_ang2=pre,
+            **{field: _scalar(row, label, where_g, default)
+               for field, (label, default) in _SERIES_CTF_COLUMNS.items()},
+            **{field: _numeric(table, label, where_t) if default is None
+               else _optional(table, label, default, where_t)
+               for field, (label, default) in _TILT_CTF_COLUMNS.items()},
             image_files=files,
             deformation=read_deformation(row, table, where_g, where_t),
         )
@@ -431,16 +444,8 @@ def read_tomogram_set(path, *, project_dir=None) -> TomogramSet:
                 f"{where} (block data_{name}): missing mandatory column rlnMicrographPreExposure"
             )
     _check_positive_columns(g, _SIZE_COLUMNS, f"{p} (block data_global)")
-    return TomogramSet(
-        global_table=g,
-        tilt_tables=tables,
-        source=p,
-        project_dir=pdir,
-        layout=layout,
-        tilt_files=files,
-        tilt_file_entries=entries,
-        extra_blocks=extra,
-    )
+    return TomogramSet(global_table=g, tilt_tables=tables, source=p, project_dir=pdir, layout=layout,
+                       tilt_files=files, tilt_file_entries=entries, extra_blocks=extra)
 
 
 
