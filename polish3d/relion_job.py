@@ -51,6 +51,7 @@ def run_job(out_dir: str, pipeline: bool, extra_args: list[str],
         raise InputError("--o (output directory) is required")
     previous = None
     if threading.current_thread() is threading.main_thread():
+        _received.clear()
         previous = signal.signal(signal.SIGTERM, _handle_sigterm)
     try:
         extra = parse_extra(extra_args)
@@ -58,7 +59,10 @@ def run_job(out_dir: str, pipeline: bool, extra_args: list[str],
         pipeline = pipeline or any(inputs.get(k) for k in ("in_parts", "in_3dref"))
         if extra:
             log.warning("unknown options ignored: %s", " ".join("--" + k for k in extra))
-        return start(inputs, pipeline)
+        outcome = start(inputs, pipeline)
+        if _received:  # the handler's exception was swallowed (raised inside a gc callback)
+            raise Terminated(_received[-1])
+        return outcome
     except BaseException as exc:
         if not isinstance(exc, OutputRefused):
             _record_failure(Path(out_dir), exc, pipeline)
@@ -78,7 +82,13 @@ def _record_failure(out: Path, exc: BaseException, pipeline: bool) -> None:
     output_folder.log_error_line(out, exc)
 
 
+#: signals received by :func:`_handle_sigterm` (its exception can be lost: Python ignores
+#: exceptions raised in garbage-collector callbacks, where a signal handler may happen to run)
+_received: list[int] = []
+
+
 def _handle_sigterm(signum, frame):
+    _received.append(signum)
     raise Terminated(signum)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from einops import rearrange
 
 from polish3d.errors import InputError
 from polish3d.fiducials._align import FiducialResult, projection_matrices
@@ -206,7 +207,7 @@ def geometry_from_xf(xf, tilt_deg, image_size_px, tomo_size_px):
     tilt_deg = np.asarray(tilt_deg, float)
     if len(tilt_deg) != len(xf):
         raise InputError(f".xf has {len(xf)} lines but there are {len(tilt_deg)} tilt angles")
-    a = xf[:, :4].reshape(-1, 2, 2)
+    a = rearrange(xf[:, :4], "view (row col) -> view row col", row=2)  # A11 A12 A21 A22
     m = np.linalg.inv(a)
     s = np.hypot(m[:, 0, 1], m[:, 1, 1])
     psi = np.arctan2(-m[:, 0, 1], m[:, 1, 1])

@@ -84,6 +84,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from polish3d.errors import InputError
 from polish3d.model import Deformation, deformation_coefficient_count
@@ -179,7 +180,7 @@ def _hermite(t):
 def _spline(c, grid, image_size, u):
     gw, gh = grid
     w, h = image_size
-    c = c.reshape(2, gh, gw, 4)
+    c = rearrange(c, "(dim gy gx k) -> dim gy gx k", dim=2, gy=gh, gx=gw)  # k: value, ∂x, ∂y, ∂xy
     gx = u[..., 0] * ((gw - 1) / w)
     gy = u[..., 1] * ((gh - 1) / h)
     # RELION clamps the grid coordinate to [0, g−1−ε]; the cell is the integer part. (jnp.where,
@@ -219,7 +220,7 @@ def _wave_vectors(grid, image_size) -> np.ndarray:
 
 def _fourier(c, grid, image_size, u):
     k = jnp.asarray(_wave_vectors(grid, image_size), u.dtype)  # (n_freq, 2)
-    c = c.reshape(2, k.shape[0], 2)
+    c = rearrange(c, "(dim freq part) -> dim freq part", dim=2, part=2)  # part: cos, sin
     ph = u @ k.T  # (..., n_freq)
     cos, sin = jnp.cos(ph), jnp.sin(ph)
     return jnp.stack([cos @ c[d, :, 0] + sin @ c[d, :, 1] for d in range(2)], -1)

@@ -75,6 +75,7 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from polish3d import geometry
 
@@ -268,7 +269,7 @@ class GPMotion:
         v = self.velocities(params, data)
         zero = jnp.zeros((1,) + v.shape[1:], v.dtype)
         cum = jnp.concatenate([zero, jnp.cumsum(v, axis=0)], axis=0)  # (F, N_pad, 3) by rank
-        offsets = jnp.transpose(jnp.take(cum, data["motion_rank"], axis=0), (1, 0, 2))
+        offsets = rearrange(jnp.take(cum, data["motion_rank"], axis=0), "f n xyz -> n f xyz")
         return offsets + data["motion_base"], jnp.sum(params * params)
 
 
@@ -368,7 +369,7 @@ class MotionPlugin:
         """The GP part of the trajectories ``(N, F, 3)`` px, file order, zero at dose rank 0."""
         v = self.velocities(params)
         cum = np.concatenate([np.zeros((1,) + v.shape[1:]), np.cumsum(v, axis=0)], axis=0)
-        return np.transpose(cum[self.rank], (1, 0, 2))[: self.n]
+        return rearrange(cum[self.rank], "f n xyz -> n f xyz")[: self.n]
 
     def trajectories(self, params) -> np.ndarray:
         """Current total trajectories ``(N, F, 3)`` px (file order): input + GP correction."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from einops import rearrange
 
 from polish3d import geometry as geo
 from polish3d.io import mrc as mrc_io
@@ -99,7 +100,7 @@ def _simulate_tomogram(name: str, cfg: SimulationConfig, acq: scene.Acquisition,
     # every particle, listed or not, moves and is deformed in the images: one forward model
     names = [f"{name}/{i + 1}" for i in range(n_all)]
     everyone = ParticleData(names, x_true, rots, np.ones(n_all, np.int64), trajectories_px=traj)
-    uv = np.transpose(project_particles(ts_true, everyone), (1, 0, 2))  # (F, N, 2)
+    uv = rearrange(project_particles(ts_true, everyone), "n f xy -> f n xy")
     dz = _depth_defocus_ang(cfg, p_true, x_true)  # (F, N)
     clean, power = renderer(ts_true, rots, uv, dz)
     sigma = float(np.sqrt(np.mean(power) / cfg.snr)) if cfg.snr > 0 else 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from einops import rearrange
 
 from polish3d import geometry as geo
 from polish3d.model import Deformation
@@ -161,7 +162,7 @@ def gp_trajectories(rng, positions_px, rank, sigma_v_px, sigma_d_px):
     b = v * np.sqrt(np.clip(w, 0, None))  # K = B Bᵀ
     vel = np.einsum("pb,mbd->mpd", b, rng.normal(size=(f - 1, n, 3)))  # (F−1, N, 3)
     cum = np.concatenate([np.zeros((1, n, 3)), np.cumsum(vel, axis=0)], axis=0)  # by rank
-    traj[:, :, :] = np.transpose(cum[rank], (1, 0, 2))
+    traj[:, :, :] = rearrange(cum[rank], "f n xyz -> n f xyz")
     return traj
 
 
