@@ -21,7 +21,7 @@ import numpy as np
 from polish3d import geometry, imaging
 from polish3d.errors import InputError
 from polish3d.model import ParticleData, TiltSeriesData, TomogramResult
-from polish3d.refine import ccmaps, likelihood, optimise, stage2
+from polish3d.refine import ccmaps, likelihood, optimise, stage2, validate
 
 __all__ = [
     "AlignConfig",
@@ -79,6 +79,9 @@ class AlignConfig:
         exact_radius_px: displacement (pixels) within which a pass trusts its expansion.
         exact_tol_max_px: another pass (re-expanded at the new geometry) only if a projected
             position moved more than this (pixels) in the last one.
+        validate: judge the result on held-out particles and roll back what they do not support
+            (:mod:`polish3d.refine.validate`; needs the final stage); ``validate_signal_z``,
+            ``validate_worse_z``, ``validate_improved_z``: its thresholds (standard errors).
     """
 
     box: int
@@ -113,6 +116,11 @@ class AlignConfig:
     exact_ftol: float = 1e-10
     exact_radius_px: float = 0.5
     exact_tol_max_px: float = 0.1
+    # held-out validation (polish3d.refine.validate): thresholds in standard errors
+    validate: bool = True
+    validate_signal_z: float = 3.0
+    validate_worse_z: float = 3.5
+    validate_improved_z: float = 3.0
 
 
 def prepare_references(half1, half2, box: int, mask=None, *, names=("half map 1", "half map 2", "mask")):
@@ -401,6 +409,10 @@ def refine_tomogram(
 
     u, depth, cdepth, rot, vis = current_geometry(p_cur, x_cur)
     u_input = u
+    # --- held-out validation: the input geometry ---
+    p_input, x_input, geometry_input = p_cur.copy(), x_cur.copy(), (u, depth, cdepth, rot, vis)
+    final_problem = None
+    # --- end ---
     metrics: dict = {"outer": [], "n_particles": n, "n_tilts": f}
 
     if config.coarse_shift or config.shift_only:
@@ -609,10 +621,22 @@ def refine_tomogram(
         metrics["outer"].append(step)
         report("outer", **step)
         p_cur, x_cur = p_new, x_new
+        final_problem = (data, params)  # held-out validation
         del data
         if step["move_max_px"] < config.exact_tol_max_px:
             break
 
+    # --- held-out validation (polish3d.refine.validate) ---
+    if config.validate:
+        p_cur, x_cur, metrics["validation"] = validate.validate_tomogram(
+            stack, particles.half_set, const, geometry_input, final_problem, p_input, x_input,
+            p_cur, x_cur, box=box, chunk=chunk, options=options, free_keys=free_exact,
+            thresholds=validate.Thresholds(config.validate_signal_z, config.validate_worse_z,
+                                           config.validate_improved_z),
+            max_iter=config.it, ftol=config.exact_ftol, report=report,
+        )
+    del final_problem
+    # --- end of held-out validation ---
     u_final = current_geometry(p_cur, x_cur)[0]
     disp = np.linalg.norm(u_final - u_input, axis=-1)
     metrics["per_tilt_cc_first"] = cc_before
