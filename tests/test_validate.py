@@ -155,3 +155,29 @@ def test_signal_free_tilt_is_flagged_and_keeps_its_input(tiny):
     others = np.delete(err_out, j)
     assert np.sqrt(np.mean(others**2)) < 0.15, others
     np.testing.assert_array_equal(res.projections[j], ts.projections[j])
+
+
+def test_reference_of_another_structure_does_not_move_the_geometry(tiny):
+    """A reference with the phantom's power spectrum but random phases (another structure of
+    the same size): the refinement finds consistent but spurious maxima; the held-out CC does
+    not rise above what a search over noise reaches, so the whole tomogram keeps its input."""
+    from polish3d.refine import tomogram
+    from polish3d.simulate import phantom_volume, soft_sphere_mask
+
+    sim, stack, _, _ = tiny
+    rng = np.random.default_rng(7)
+    ft = np.fft.rfftn(phantom_volume(32, 16.0))
+    phases = np.exp(2j * np.pi * rng.uniform(size=ft.shape))
+    vol = np.fft.irfftn(np.abs(ft) * phases, s=(32,) * 3, axes=(0, 1, 2))
+    vol = vol * soft_sphere_mask(32, 9.0, 3.0) / np.abs(vol).max()
+    halves = [(vol + 0.02 * rng.normal(size=vol.shape)).astype(np.float32) for _ in range(2)]
+    refs, (idx, fsc) = tomogram.prepare_references(*halves, 32)
+    env = tomogram.reference_envelope(idx, fsc, 32, 16.0)
+    res, _ = _run(sim, stack, refs, env)
+    v = res.metrics["validation"]
+    _check_record(v)
+    assert v["verdict"] == "reference_mismatch"
+    assert any("reference does not match" in m for m in v["messages"])
+    ts, parts = sim.tilt_series[0], sim.particles["TS_01"]
+    np.testing.assert_array_equal(res.projections, ts.projections)
+    np.testing.assert_array_equal(res.positions_px, parts.positions_px)

@@ -80,8 +80,9 @@ class AlignConfig:
         exact_tol_max_px: another pass (re-expanded at the new geometry) only if a projected
             position moved more than this (pixels) in the last one.
         validate: judge the result on held-out particles and roll back what they do not support
-            (:mod:`polish3d.refine.validate`; needs the final stage); ``validate_signal_z``,
-            ``validate_worse_z``, ``validate_improved_z``: its thresholds (standard errors).
+            (:mod:`polish3d.refine.validate`; needs the final stage).
+        validate_z: its thresholds in standard errors: no signal below, rolled back at or below
+            minus, improved at or above (:class:`polish3d.refine.validate.Thresholds`).
     """
 
     box: int
@@ -116,11 +117,8 @@ class AlignConfig:
     exact_ftol: float = 1e-10
     exact_radius_px: float = 0.5
     exact_tol_max_px: float = 0.1
-    # held-out validation (polish3d.refine.validate): thresholds in standard errors
-    validate: bool = True
-    validate_signal_z: float = 3.0
-    validate_worse_z: float = 3.5
-    validate_improved_z: float = 3.0
+    validate: bool = True  # held-out validation (polish3d.refine.validate)
+    validate_z: tuple[float, float, float] = (3.0, 3.5, 3.0)  # its signal, worse, improved thresholds
 
 
 def prepare_references(half1, half2, box: int, mask=None, *, names=("half map 1", "half map 2", "mask")):
@@ -631,8 +629,7 @@ def refine_tomogram(
         p_cur, x_cur, metrics["validation"] = validate.validate_tomogram(
             stack, particles.half_set, const, geometry_input, final_problem, p_input, x_input,
             p_cur, x_cur, box=box, chunk=chunk, options=options, free_keys=free_exact,
-            thresholds=validate.Thresholds(config.validate_signal_z, config.validate_worse_z,
-                                           config.validate_improved_z),
+            thresholds=validate.Thresholds(*config.validate_z, search_radius_px=config.r),
             max_iter=config.it, ftol=config.exact_ftol, report=report,
         )
     del final_problem

@@ -58,13 +58,27 @@ class Thresholds:
             is ``"improved"`` (else ``"kept"``); the tomogram's total improvement must reach it
             unless the reference is to be blamed.
         mismatch_fraction: the reference is declared not to match when at least this fraction of
-            the tilts has no signal and the total improvement is not significant.
+            the tilts has no signal.
+        search_radius_px: radius (pixels) over which the refinement searched every particle's
+            position (the CC window, ``--r``): sets the selection bias of the held-out CC
+            (:func:`search_bias`).
     """
 
     signal_z: float = 3.0
     worse_z: float = 3.5
     improved_z: float = 3.0
     mismatch_fraction: float = 0.5
+    search_radius_px: float = 8.0
+
+
+def search_bias(radius_px: float) -> float:
+    """Expected maximum (in standard deviations) of a particle's 3D CC score field over a ball
+    of ``radius_px``: ``sqrt(2 ln M)`` with ``M = 4/3 π r³`` cells (the whitened CC decorrelates
+    over about a pixel). Where the reference matches nothing, the refinement leaves every
+    particle at such a maximum: its CC summed over ``F`` tilts is then that many standard
+    deviations, ``search_bias / sqrt(F)`` per tilt, above 0 on held-out data too."""
+    cells = max(4.0 / 3.0 * np.pi * max(float(radius_px), 1.0) ** 3, 2.0)
+    return float(np.sqrt(2.0 * np.log(cells)))
 
 
 def t_statistic(values: np.ndarray, mask: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -90,30 +104,35 @@ def held_out_cc(data: dict, params: dict, options, free_keys: tuple[str, ...], *
     ``data``/``params``: the final stage's problem (Taylor store) and its solution. Fold ``A``
     (even particle indices) refits every free parameter but the positions of ``B`` (odd
     indices); ``B``'s positions are then refitted with the rest frozen, and ``B``'s CC is
-    evaluated; then the reverse. The translational gauge is left free in these fits (the
-    positions' refit absorbs it): the mean position change is folded into ``params`` first.
+    evaluated; then the reverse. The solution's position changes are moved into the data (so
+    the start is the refined geometry whatever the gauge), and the translational gauge is fixed
+    on the fold being fitted (``particle_mask``): same options and shapes as the final stage, so
+    nothing is compiled again but the positions-only fit.
     """
-    opts = dataclasses.replace(options, fix_gauge_positions=False)
     start = {k: jnp.asarray(v) for k, v in params.items()}
     mask = np.asarray(data["particle_mask"]) > 0
+    pos = np.asarray(start["positions"], np.float64)
     if options.fix_gauge_positions:
-        pos = np.asarray(start["positions"], np.float64)
-        start["positions"] = jnp.asarray(pos - pos[mask].mean(0), jnp.float32)
+        pos = pos - pos[mask].mean(0)
+    data = {**data, "positions": jnp.asarray(np.asarray(data["positions"], np.float64) + pos * mask[:, None],
+                                             jnp.float32)}
+    start["positions"] = jnp.zeros_like(start["positions"])
     weight = np.asarray(data["weight"], np.float32)
     index = np.arange(mask.size)
     folds = (mask & (index % 2 == 0), mask & (index % 2 == 1))
     particle_keys = tuple(k for k in free_keys if k == "positions")
     out = np.zeros(weight.shape, np.float64)
     for fit, held in (folds, folds[::-1]):
-        fitted, _ = optimise.minimise(
-            start, {**data, "weight": jnp.asarray(weight * fit[:, None])}, opts,
-            free_keys=free_keys, max_iter=max_iter, ftol=ftol,
-        )
-        d_held = {**data, "weight": jnp.asarray(weight * held[:, None])}
+        d_fit = {**data, "weight": jnp.asarray(weight * fit[:, None]),
+                 "particle_mask": jnp.asarray(fit, jnp.float32)}
+        fitted, _ = optimise.minimise(start, d_fit, options, free_keys=free_keys, max_iter=max_iter,
+                                      ftol=ftol)
+        d_held = {**data, "weight": jnp.asarray(weight * held[:, None]),
+                  "particle_mask": jnp.asarray(held, jnp.float32)}
         if particle_keys:
-            fitted, _ = optimise.minimise(fitted, d_held, opts, free_keys=particle_keys,
+            fitted, _ = optimise.minimise(fitted, d_held, options, free_keys=particle_keys,
                                           max_iter=max_iter, ftol=ftol)
-        vals = np.asarray(optimise.pair_values_at(fitted, d_held, opts), np.float64)
+        vals = np.asarray(optimise.pair_values_at(fitted, d_held, options), np.float64)
         out[held] = vals[held]
     return np.where(weight > 0, out, 0.0)
 
@@ -133,21 +152,26 @@ def decide(held: np.ndarray, cc_input: np.ndarray, visible: np.ndarray,
         ``(F,)`` strings (``"improved"``, ``"kept"``, ``"rolled_back"``, ``"no_signal"``),
         ``"rollback"`` ``(F,)`` bool, ``"z_total"`` (t-statistic over particles of the summed
         improvement), ``"z_signal"`` (the same for the held-out CC), ``"mismatch"`` (bool),
-        ``"weak_particles"`` (indices) and ``"verdict"`` (``"reference_mismatch"``: most tilts
-        without signal and no significant total improvement, everything rolled back;
-        ``"no_signal"``: most tilts without signal, the others kept; ``"rolled_back"``: some
-        tilts rolled back; ``"improved"``/``"kept"``: none, total improvement significant or not).
+        ``"weak_particles"`` (indices) and ``"verdict"`` (``"reference_mismatch"``: at least
+        ``mismatch_fraction`` of the tilts without signal, everything rolled back;
+        ``"rolled_back"``: some tilts rolled back; ``"improved"``/``"kept"``: none, the total
+        improvement significant or not).
     """
     th = thresholds
     vis = np.asarray(visible, bool)
     held = np.asarray(held, np.float64)
     cc_input = np.asarray(cc_input, np.float64)
     z, n = t_statistic(held - cc_input, vis)
-    signal = np.maximum(t_statistic(held, vis)[0], t_statistic(cc_input, vis)[0])
+    # signal: above 0 (the CC's mean off the particle: the weights remove the DC term) by more
+    # than the refined positions' selection bias (the input positions were not searched)
+    n_p = vis.sum(1)
+    z_max = search_bias(th.search_radius_px)
+    allowance = z_max * np.sqrt(n) / np.sqrt(max(float(n_p[n_p > 0].mean()) if n_p.any() else 1.0, 1.0))
+    signal = np.maximum(t_statistic(held, vis)[0] - allowance, t_statistic(cc_input, vis)[0])
     count = np.maximum(n, 1)
     mean_in = np.where(vis, cc_input, 0.0).sum(0) / count
     mean_out = np.where(vis, held, 0.0).sum(0) / count
-    no_signal = signal < th.signal_z
+    no_signal = (signal < th.signal_z) & (n >= 3)  # (fewer than 3 particles: no conclusion)
     worse = ~no_signal & (z <= -th.worse_z)
     verdict = np.where(no_signal, "no_signal", np.where(
         worse, "rolled_back", np.where(z >= th.improved_z, "improved", "kept")))
@@ -157,18 +181,16 @@ def decide(held: np.ndarray, cc_input: np.ndarray, visible: np.ndarray,
     z_total = float(t_statistic(np.where(vis, held - cc_input, 0.0).sum(1), seen)[0])
     z_signal = float(t_statistic(np.where(vis, held, 0.0).sum(1), seen)[0])
     f_total = max(int((n > 0).sum()), 1)
-    mismatch = bool(no_signal[n > 0].sum() >= th.mismatch_fraction * f_total and z_total < th.improved_z)
+    mismatch = bool(no_signal.sum() >= th.mismatch_fraction * f_total)
     # particles: held-out CC summed over their visible tilts, each tilt scaled by the spread of
-    # its CC over the particles (noise and signal: conservative), not above noise
+    # its CC over the particles (noise and signal: conservative), not above the maximum a
+    # search over noise reaches
     var = np.where(vis, (held - mean_out) ** 2, 0.0).sum(0) / np.maximum(n - 1, 1)
     spread = np.sqrt(np.maximum(var, 1e-30))
-    n_p = vis.sum(1)
     z_part = np.where(vis, held / spread, 0.0).sum(1) / np.sqrt(np.maximum(n_p, 1))
-    weak = np.flatnonzero((n_p >= 3) & (z_part < th.signal_z))
+    weak = np.flatnonzero((n_p >= 3) & (z_part < z_max))
     if mismatch:
         tomo = "reference_mismatch"
-    elif no_signal[n > 0].sum() >= th.mismatch_fraction * f_total:
-        tomo = "no_signal"
     elif (no_signal | worse).any():
         tomo = "rolled_back"
     else:
