@@ -632,6 +632,8 @@ def refine_tomogram(
             thresholds=validate.Thresholds(*config.validate_z, search_radius_px=config.r),
             max_iter=config.it, ftol=config.exact_ftol, report=report,
         )
+        if metrics["validation"]["verdict"] == "reference_mismatch":  # the input motion/deformation too
+            plugin_params = {k: pl.init_params() for k, pl in plugins.items()}
     del final_problem
     # --- end of held-out validation ---
     u_final = current_geometry(p_cur, x_cur)[0]
