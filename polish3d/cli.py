@@ -123,6 +123,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "--outer": (int, "polish3d: max. CC-map passes (2nd+ at the refined geometry; 1: RELION-like)."),
     "--exact_passes": (int, "polish3d: passes of the final stage on the exact CC after the outer iterations "
         "(no grid pins the result to the start; 0: off)."),
+    "--no_validation": (bool, "polish3d: skip the held-out validation (every tilt's new geometry judged on "
+        "particles that did not fit it; tilts the data do not support keep their input geometry)."),
     "--device": (str, "polish3d: JAX platform: cpu, gpu or tpu."),
     "--fsc_check": (bool, "polish3d: reconstruct the half maps from the input and the refined geometry and "
         "report both FSCs (about doubles the run time)."),
@@ -192,6 +194,7 @@ def align_cmd(
     theme: Flag.theme = "",
     outer: Flag.outer = default("tomogram.outer"),
     exact_passes: Flag.exact_passes = default("tomogram.exact_passes"),
+    no_validation: Flag.no_validation = not default("tomogram.validate"),
     device: Flag.device = "",
     fsc_check: Flag.fsc_check = default("fsc_check"),
     workers: Flag.workers = default("workers"),
@@ -206,8 +209,8 @@ def align_cmd(
 
 
 #: flags that set an option of :class:`polish3d.config.RefineConfig` one to one: flag → option path
-#: (``--no_whiten``, ``--def_w``/``--def_h``, ``--motion`` and ``--deformation`` are mapped in
-#: :func:`refine_config`)
+#: (``--no_whiten``, ``--no_validation``, ``--def_w``/``--def_h``, ``--motion`` and
+#: ``--deformation`` are mapped in :func:`refine_config`)
 OPTION_OF_FLAG = {
     "--b": "tomogram.box", "--r": "tomogram.r", "--const_p": "tomogram.const_p",
     "--const_a": "tomogram.const_a", "--const_s": "tomogram.const_s", "--range_reg": "tomogram.range_reg",
@@ -227,7 +230,8 @@ OPTION_OF_FLAG = {
 #: how an option path is written in a message of the command line
 FLAG_OF_OPTION = {
     **{path: flag for flag, path in OPTION_OF_FLAG.items()},
-    "tomogram.whiten": "--no_whiten", "deformation.grid": "--def_w/--def_h", "motion": "--motion",
+    "tomogram.whiten": "--no_whiten", "tomogram.validate": "--no_validation",
+    "deformation.grid": "--def_w/--def_h", "motion": "--motion",
     "deformation": "--deformation", "device": "--device",
 }
 
@@ -249,6 +253,7 @@ def refine_config(flags: dict):
         section, _, name = path.rpartition(".")
         values[section][name] = flags[flag[2:].lower()]
     values["tomogram"]["whiten"] = not flags["no_whiten"]
+    values["tomogram"]["validate"] = not flags["no_validation"]
     values["deformation"]["grid"] = (flags["def_w"], flags["def_h"])
     motion = SECTIONS["motion"](**values["motion"])
     try:

@@ -202,6 +202,8 @@ def _check_tomogram(t: AlignConfig) -> None:
     _require(t.it >= 1, f"{s}.it", t.it, "a number of iterations >= 1")
     _require(t.outer >= 1, f"{s}.outer", t.outer, "a number of CC-map passes >= 1")
     _require(t.exact_passes >= 0, f"{s}.exact_passes", t.exact_passes, "a number >= 0")
+    _require(len(t.validate_z) == 3 and all(math.isfinite(z) and z > 0 for z in t.validate_z),
+             f"{s}.validate_z", t.validate_z, "three positive thresholds (signal, worse, improved)")
     _require(t.range_reg >= 0, f"{s}.range_reg", t.range_reg, "a weight >= 0")
     _require(0 <= t.cutoff_fract < 1, f"{s}.cutoff_fract", t.cutoff_fract, "a fraction in [0, 1)")
     _require(t.min_frame >= 0, f"{s}.min_frame", t.min_frame, "a dose rank >= 0")

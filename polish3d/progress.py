@@ -98,6 +98,12 @@ def _log_event(event: str, k: dict) -> None:
     elif event == "rescue":
         log.info("    %s particle(s) left behind: re-searched in 3D (%s s)", k.get("particles", "?"),
                  _num(k.get("seconds"), ".1f"))
+    elif event == "validation" and "verdict" in k:
+        log.info("    held-out validation: %s; %s tilt(s) rolled back, %s without signal, %s weak "
+                 "particle(s) (%s s)", k.get("verdict", "?"), k.get("rolled_back", "?"),
+                 k.get("no_signal", "?"), k.get("weak_particles", "?"), _num(k.get("seconds"), ".1f"))
+        for message in k.get("messages") or []:
+            log.warning("    %s", message)
     elif "message" in k:
         (log.warning if k.get("warning") else log.info)("    %s", k["message"])
 
@@ -123,6 +129,8 @@ def _stage_text(event: str, k: dict) -> str | None:
                 f"{_num(k.get('move_rms_px'), '.2f')} px (max {_num(k.get('move_max_px'), '.2f')})")
     if event == "rescue":
         return f"rescue: {_num(k.get('particles'), 'd')} particle(s) re-searched"
+    if event == "validation":
+        return f"validation: {k.get('verdict', '?')}"
     if event in ("motion", "deformation"):
         return event
     return None

@@ -339,7 +339,8 @@ def test_report_of_a_real_align_run(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output
     page = _parse(out / "report.html")
-    assert sorted(k for k, _ in page.plots) == ["displacements", "geometry", "per_tilt"]
+    # (the held-out validation is on by default: its plot is there too)
+    assert sorted(k for k, _ in page.plots) == ["displacements", "geometry", "per_tilt", "validation"]
     for _, src in page.plots:
         assert _png_pixels(src)[..., :3].std() > 0.05
     m = json.loads((out / "metrics.json").read_text())["tomograms"]["TS_01"]

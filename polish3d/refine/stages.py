@@ -26,6 +26,7 @@ import numpy as np
 from polish3d import geometry
 from polish3d.model import ParticleData, TiltSeriesData, TomogramResult
 from polish3d.refine import ccmaps, forward, likelihood, optimise, stage2
+from polish3d.refine import validate as validate_mod
 from polish3d.refine.ccmaps import PairGeometry
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "predict",
     "rescue",
     "summarise",
+    "validate",
     "visible_boxes",
 ]
 
@@ -413,7 +415,7 @@ def _rescue_search(problem: TomogramProblem, projections: np.ndarray, geom: Pair
 # ----------------------------------------------------------------------------------------------
 
 
-def exact_passes(problem: TomogramProblem, state: RefineState) -> None:
+def exact_passes(problem: TomogramProblem, state: RefineState) -> tuple | None:
     """Up to ``config.exact_passes`` passes of L-BFGS on the exact CC's local expansion.
 
     Every visible pair's exact CC (phase ramps, no window grid) is expanded to 4th order about
@@ -422,8 +424,12 @@ def exact_passes(problem: TomogramProblem, state: RefineState) -> None:
     stays as refined on the windows: it is smooth over many particles (the grid bias averages
     out) and its poorly conditioned coefficients would need another ~1000 L-BFGS iterations for
     no measurable gain (bench_deformation: 0.1543 px either way).
+
+    Returns ``(data, params)`` of the last pass (its expansion and solution: what
+    :func:`validate` refits on held-out particles), or ``None`` when no pass ran.
     """
     cfg = problem.config
+    last = None
     n_exact = 0 if cfg.shift_only else max(cfg.exact_passes, 0)
     n_loops = 1 + max((st["outer"] for st in state.metrics["outer"]), default=-1)
     free_exact = tuple(k for k in problem.free if k != "deformation")
@@ -452,9 +458,29 @@ def exact_passes(problem: TomogramProblem, state: RefineState) -> None:
         step = _pass_record(index, int(geom.visible.sum()), 0.0, t_cc, info, exact=True, **moved)
         state.metrics["outer"].append(step)
         problem.report("outer", **step)
-        del data
+        last = (data, params)
         if step["move_max_px"] < cfg.exact_tol_max_px:
             break
+    return last
+
+
+def validate(problem: TomogramProblem, start: RefineState, state: RefineState, final) -> None:
+    """Held-out validation (:mod:`polish3d.refine.validate`): every tilt's refined geometry is
+    judged on particles that did not fit it against its input geometry ``start``; tilts without
+    signal or scoring worse keep their input geometry, and everything returns to the input when
+    the reference matches nothing. Writes ``metrics["validation"]``."""
+    cfg = problem.config
+    free = tuple(k for k in problem.free if k != "deformation")
+    state.projections, state.positions_px, record = validate_mod.validate_tomogram(
+        problem.stack, problem.const, predict(problem, start), final, start.projections,
+        start.positions_px, state.projections, state.positions_px, box=cfg.box, chunk=problem.chunk,
+        options=problem.options, free_keys=free, max_iter=cfg.it, ftol=cfg.exact_ftol,
+        thresholds=validate_mod.Thresholds(*cfg.validate_z, search_radius_px=cfg.r),
+        report=problem.report,
+    )
+    state.metrics["validation"] = record
+    if record["verdict"] == "reference_mismatch":  # the input motion and deformation too
+        state.plugin_params = dict(start.plugin_params)
 
 
 # ----------------------------------------------------------------------------------------------

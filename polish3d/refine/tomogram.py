@@ -85,6 +85,10 @@ class AlignConfig:
         exact_radius_px: displacement (pixels) within which a pass trusts its expansion.
         exact_tol_max_px: another pass (re-expanded at the new geometry) only if a projected
             position moved more than this (pixels) in the last one.
+        validate: judge the result on held-out particles and roll back what they do not support
+            (:mod:`polish3d.refine.validate`; needs the final stage).
+        validate_z: its thresholds in standard errors: no signal below, rolled back at or below
+            minus, improved at or above (:class:`polish3d.refine.validate.Thresholds`).
     """
 
     box: int
@@ -119,6 +123,8 @@ class AlignConfig:
     exact_ftol: float = 1e-10
     exact_radius_px: float = 0.5
     exact_tol_max_px: float = 0.1
+    validate: bool = True
+    validate_z: tuple[float, float, float] = (3.0, 3.5, 3.0)  # signal, worse, improved
 
 
 def prepare_references(half1, half2, box: int, mask=None, *, names=("half map 1", "half map 2", "mask")):
@@ -298,7 +304,7 @@ def refine_tomogram(
 
     The stages of :mod:`polish3d.refine.stages` in turn: per-tilt shift search, outer passes
     (CC windows → L-BFGS, with the rescue of lost particles), final passes on the exact CC,
-    summary.
+    held-out validation (rollback of what the data do not support), summary.
 
     Args:
         ts: the tilt series (geometry, CTF, dose).
@@ -321,7 +327,9 @@ def refine_tomogram(
     if config.coarse_shift or config.shift_only:
         stages.coarse_shift_search(problem, state)
     stages.outer_passes(problem, state)
-    stages.exact_passes(problem, state)
+    final = stages.exact_passes(problem, state)
+    if config.validate:
+        stages.validate(problem, start, state, final)
     return stages.summarise(problem, start, state, t_start)
 
 

@@ -1,0 +1,292 @@
+"""Held-out validation of a refined tomogram: keep what the data support, roll back the rest.
+
+After the final exact stage every tilt's new geometry is judged on particles that did not fit
+it (see ``docs/algorithm.md``, "Held-out validation"):
+
+1. **Two folds** of particles, ``A`` (even indices) and ``B`` (odd). The tilt geometry (and any
+   other parameter shared by the particles: motion) is refitted on ``A`` alone, from the refined
+   geometry, on the final stage's exact-CC expansion (:mod:`polish3d.refine.likelihood`); then
+   ``B``'s positions are refitted with those tilts frozen and ``B``'s CC is read at that point:
+   the **held-out CC** of the ``B`` pairs. The same with the folds swapped gives every pair one.
+   All of it stays within the expansion's trust radius, so it costs four cheap L-BFGS runs.
+2. The **input CC** of every pair: the exact CC at the input prediction (the 0th Taylor
+   coefficient of one more CC pass at the input geometry, same constants and whitening).
+3. Per tilt: the **improvement** ``z`` (paired t-statistic of held-out − input CC over the
+   particles visible in both) and the **signal** ``signal_z`` (the larger t-statistic of the
+   held-out and of the input CC against 0, the CC's mean where no particle is, the DC being
+   removed by the weights). :func:`decide` turns them into verdicts.
+
+:func:`validate_tomogram` is the one entry point of the refinement; :func:`held_out_cc` and
+:func:`decide` are its parts (tested separately).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polish3d.refine import likelihood, optimise
+
+__all__ = [
+    "MISMATCH_MESSAGE",
+    "Thresholds",
+    "decide",
+    "held_out_cc",
+    "t_statistic",
+    "validate_tomogram",
+]
+
+MISMATCH_MESSAGE = (
+    "the reference does not match these particles: check the reference map, its pixel size and "
+    "handedness"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds (t-statistics, i.e. standard errors).
+
+    Attributes:
+        signal_z: a tilt whose held-out and input CC both stay below this many standard errors
+            above 0 has no signal (keeps its input geometry); a particle likewise (flagged).
+        worse_z: a tilt whose held-out CC lies this many standard errors below its input CC is
+            rolled back.
+        improved_z: a tilt whose held-out CC lies this many standard errors above its input CC
+            is ``"improved"`` (else ``"kept"``); the tomogram's total improvement must reach it
+            unless the reference is to be blamed.
+        mismatch_fraction: the reference is declared not to match when at least this fraction of
+            the tilts has no signal.
+        search_radius_px: radius (pixels) over which the refinement searched every particle's
+            position (the CC window, ``--r``): sets the selection bias of the held-out CC
+            (:func:`search_bias`).
+    """
+
+    signal_z: float = 3.0
+    worse_z: float = 3.5
+    improved_z: float = 3.0
+    mismatch_fraction: float = 0.5
+    search_radius_px: float = 8.0
+
+
+def search_bias(radius_px: float) -> float:
+    """Expected maximum (in standard deviations) of a particle's 3D CC score field over a ball
+    of ``radius_px``: ``sqrt(2 ln M)`` with ``M = 4/3 π r³`` cells (the whitened CC decorrelates
+    over about a pixel). Where the reference matches nothing, the refinement leaves every
+    particle at such a maximum: its CC summed over ``F`` tilts is then that many standard
+    deviations, ``search_bias / sqrt(F)`` per tilt, above 0 on held-out data too."""
+    cells = max(4.0 / 3.0 * np.pi * max(float(radius_px), 1.0) ** 3, 2.0)
+    return float(np.sqrt(2.0 * np.log(cells)))
+
+
+def t_statistic(values: np.ndarray, mask: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean / standard error of ``values`` where ``mask`` along ``axis``, and the counts.
+
+    Fewer than 3 values give 0 (nothing can be concluded); a zero spread gives ``±1e6``·sign.
+    """
+    w = np.asarray(mask, np.float64)
+    v = np.where(mask, np.asarray(values, np.float64), 0.0)
+    n = w.sum(axis)
+    mean = v.sum(axis) / np.maximum(n, 1.0)
+    var = (np.where(mask, v - np.expand_dims(mean, axis), 0.0) ** 2).sum(axis) / np.maximum(n - 1.0, 1.0)
+    se = np.sqrt(var / np.maximum(n, 1.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(se > 0, mean / np.where(se > 0, se, 1.0), np.sign(mean) * 1e6)
+    return np.where(n >= 3, t, 0.0), n.astype(int)
+
+
+def held_out_cc(data: dict, params, options, free_keys: tuple[str, ...], *,
+                max_iter: int = 10000, ftol: float = 1e-10) -> np.ndarray:
+    """Held-out CC ``(N_pad, F)`` of every pair (0 where the data's weight is 0).
+
+    ``data``/``params``: the final stage's problem (Taylor store) and its solution. Fold ``A``
+    (even particle indices) refits every free parameter but the positions of ``B`` (odd
+    indices); ``B``'s positions are then refitted with the rest frozen, and ``B``'s CC is
+    evaluated; then the reverse. The solution's position changes are moved into the data (so
+    the start is the refined geometry whatever the gauge), and the translational gauge is fixed
+    on the fold being fitted (``particle_mask``): same options and shapes as the final stage, so
+    nothing is compiled again but the positions-only fit.
+    """
+    start = jax.tree_util.tree_map(jnp.asarray, params)
+    mask = np.asarray(data["particle_mask"]) > 0
+    pos = np.asarray(start.positions, np.float64)
+    if options.fix_gauge_positions:
+        pos = pos - pos[mask].mean(0)
+    data = {**data, "positions": jnp.asarray(np.asarray(data["positions"], np.float64) + pos * mask[:, None],
+                                             jnp.float32)}
+    start = dataclasses.replace(start, positions=jnp.zeros_like(start.positions))
+    weight = np.asarray(data["weight"], np.float32)
+    index = np.arange(mask.size)
+    folds = (mask & (index % 2 == 0), mask & (index % 2 == 1))
+    particle_keys = tuple(k for k in free_keys if k == "positions")
+    out = np.zeros(weight.shape, np.float64)
+    for fit, held in (folds, folds[::-1]):
+        d_fit = {**data, "weight": jnp.asarray(weight * fit[:, None]),
+                 "particle_mask": jnp.asarray(fit, jnp.float32)}
+        fitted, _ = optimise.minimise(start, d_fit, options, free_keys=free_keys, max_iter=max_iter,
+                                      ftol=ftol)
+        d_held = {**data, "weight": jnp.asarray(weight * held[:, None]),
+                  "particle_mask": jnp.asarray(held, jnp.float32)}
+        if particle_keys:
+            fitted, _ = optimise.minimise(fitted, d_held, options, free_keys=particle_keys,
+                                          max_iter=max_iter, ftol=ftol)
+        vals = np.asarray(optimise.pair_values_at(fitted, d_held, options), np.float64)
+        out[held] = vals[held]
+    return np.where(weight > 0, out, 0.0)
+
+
+def decide(held: np.ndarray, cc_input: np.ndarray, visible: np.ndarray,
+           thresholds: Thresholds = Thresholds()) -> dict:
+    """The verdicts from the pairs' held-out and input CC (pure function of the numbers).
+
+    Args:
+        held, cc_input: ``(N, F)`` CC of every pair at the held-out refined geometry and at the
+            input geometry.
+        visible: ``(N, F)`` pairs visible in both geometries.
+        thresholds: see :class:`Thresholds`.
+
+    Returns:
+        ``{"z", "signal_z", "cc_input", "cc_refined", "n"}`` per tilt ``(F,)``, ``"tilt_verdict"``
+        ``(F,)`` strings (``"improved"``, ``"kept"``, ``"rolled_back"``, ``"no_signal"``),
+        ``"rollback"`` ``(F,)`` bool, ``"z_total"`` (t-statistic over particles of the summed
+        improvement), ``"z_signal"`` (the same for the held-out CC), ``"mismatch"`` (bool),
+        ``"weak_particles"`` (indices) and ``"verdict"`` (``"reference_mismatch"``: at least
+        ``mismatch_fraction`` of the tilts without signal, everything rolled back;
+        ``"rolled_back"``: some tilts rolled back; ``"improved"``/``"kept"``: none, the total
+        improvement significant or not).
+    """
+    th = thresholds
+    vis = np.asarray(visible, bool)
+    held = np.asarray(held, np.float64)
+    cc_input = np.asarray(cc_input, np.float64)
+    z, n = t_statistic(held - cc_input, vis)
+    # signal: above 0 (the CC's mean off the particle: the weights remove the DC term) by more
+    # than the refined positions' selection bias (the input positions were not searched)
+    n_p = vis.sum(1)
+    z_max = search_bias(th.search_radius_px)
+    allowance = z_max * np.sqrt(n) / np.sqrt(max(float(n_p[n_p > 0].mean()) if n_p.any() else 1.0, 1.0))
+    signal = np.maximum(t_statistic(held, vis)[0] - allowance, t_statistic(cc_input, vis)[0])
+    count = np.maximum(n, 1)
+    mean_in = np.where(vis, cc_input, 0.0).sum(0) / count
+    mean_out = np.where(vis, held, 0.0).sum(0) / count
+    no_signal = (signal < th.signal_z) & (n >= 3)  # (fewer than 3 particles: no conclusion)
+    worse = ~no_signal & (z <= -th.worse_z)
+    verdict = np.where(no_signal, "no_signal", np.where(
+        worse, "rolled_back", np.where(z >= th.improved_z, "improved", "kept")))
+    # tomogram: the summed improvement per particle (particles are independent, tilts within a
+    # particle are not), and the share of tilts without signal
+    seen = vis.any(1)
+    z_total = float(t_statistic(np.where(vis, held - cc_input, 0.0).sum(1), seen)[0])
+    z_signal = float(t_statistic(np.where(vis, held, 0.0).sum(1), seen)[0])
+    f_total = max(int((n > 0).sum()), 1)
+    mismatch = bool(no_signal.sum() >= th.mismatch_fraction * f_total)
+    # particles: held-out CC summed over their visible tilts, each tilt scaled by the spread of
+    # its CC over the particles (noise and signal: conservative), not above the maximum a
+    # search over noise reaches
+    var = np.where(vis, (held - mean_out) ** 2, 0.0).sum(0) / np.maximum(n - 1, 1)
+    spread = np.sqrt(np.maximum(var, 1e-30))
+    z_part = np.where(vis, held / spread, 0.0).sum(1) / np.sqrt(np.maximum(n_p, 1))
+    weak = np.flatnonzero((n_p >= 3) & (z_part < z_max))
+    if mismatch:
+        tomo = "reference_mismatch"
+    elif (no_signal | worse).any():
+        tomo = "rolled_back"
+    else:
+        tomo = "improved" if z_total >= th.improved_z else "kept"
+    return {
+        "z": z, "signal_z": signal, "cc_input": mean_in, "cc_refined": mean_out, "n": n,
+        "tilt_verdict": verdict, "rollback": no_signal | worse, "z_total": z_total,
+        "mismatch": mismatch, "weak_particles": weak, "verdict": tomo,
+        "z_signal": z_signal,
+    }
+
+
+def _messages(d: dict) -> list[str]:
+    rows = lambda v: np.flatnonzero(d["tilt_verdict"] == v).tolist()  # noqa: E731
+    out = []
+    if d["mismatch"]:
+        out.append(MISMATCH_MESSAGE + "; the input geometry is kept")
+    if rows("no_signal") and not d["mismatch"]:
+        out.append(f"tilt rows {rows('no_signal')}: no significant signal on held-out particles; "
+                   "they keep their input geometry (consider excluding these tilts)")
+    if rows("rolled_back"):
+        out.append(f"tilt rows {rows('rolled_back')}: the refined geometry scores worse than the "
+                   "input on held-out particles; they keep their input geometry")
+    weak = d["weak_particles"].tolist()
+    if weak and not d["mismatch"]:
+        shown = ", ".join(str(i) for i in weak[:20]) + (", …" if len(weak) > 20 else "")
+        out.append(f"{len(weak)} particle(s) whose CC does not rise above noise (indices {shown}): "
+                   "consider removing them")
+    return out
+
+
+def off(message: str) -> dict:
+    """The ``metrics["validation"]`` record of a run without validation."""
+    return {"verdict": "off", "tilts": [], "rolled_back_tilts": [], "no_signal_tilts": [],
+            "weak_particles": [], "messages": [message], "seconds": 0.0}
+
+
+def validate_tomogram(
+    stack, const, input_geometry, final_problem: tuple | None,
+    p_input: np.ndarray, x_input: np.ndarray, p_refined: np.ndarray, x_refined: np.ndarray, *,
+    box: int, chunk: int, options, free_keys: tuple[str, ...], thresholds: Thresholds = Thresholds(),
+    max_iter: int = 10000, ftol: float = 1e-10, report=None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Judge the refined geometry on held-out particles and roll back what does not hold.
+
+    Args:
+        stack, const, box, chunk: as for the CC passes (:func:`likelihood.compute_taylor`).
+        input_geometry: the pairs' predictions at the input geometry
+            (:class:`~polish3d.refine.ccmaps.PairGeometry`).
+        final_problem: ``(data, params)`` of the last exact pass (its Taylor store and its
+            solution), or ``None`` (no exact stage ran: the validation is off).
+        p_input, x_input: input projections ``(F, 4, 4)`` and positions ``(N, 3)`` (pixels).
+        p_refined, x_refined: the refined ones.
+        options, free_keys: the final stage's :class:`optimise.StageOptions` and free blocks.
+        thresholds: :class:`Thresholds`.
+        max_iter, ftol: L-BFGS limits of the fold fits.
+        report: optional progress callback ``report(event, **figures)``.
+
+    Returns:
+        the projections and positions to keep, and the ``metrics["validation"]`` record.
+    """
+    t0 = time.perf_counter()
+    if final_problem is None:
+        return p_refined, x_refined, off("held-out validation needs the final exact stage "
+                                         "(exact_passes ≥ 1, not shift_only): not validated")
+    data, params = final_problem
+    n = x_refined.shape[0]
+    held = held_out_cc(data, params, options, free_keys, max_iter=max_iter, ftol=ftol)[:n]
+    cc_in = likelihood.compute_taylor(stack, input_geometry, const, box=box, chunk=chunk, order=0)
+    cc_in = cc_in[:n, :, 0].astype(np.float64)
+    visible = input_geometry.visible & (np.asarray(data["weight"])[:n] > 0)
+    d = decide(held, cc_in, visible, thresholds)
+    p_out, x_out = np.array(p_refined, np.float64), np.array(x_refined, np.float64)
+    if d["mismatch"]:
+        p_out, x_out = np.array(p_input, np.float64), np.array(x_input, np.float64)
+    else:
+        p_out[d["rollback"]] = p_input[d["rollback"]]
+    rows = lambda v: np.flatnonzero(d["tilt_verdict"] == v).tolist()  # noqa: E731
+    record = {
+        "verdict": d["verdict"],
+        "tilts": [
+            {"row": j, "cc_input": float(d["cc_input"][j]), "cc_refined": float(d["cc_refined"][j]),
+             "z": float(d["z"][j]), "signal_z": float(d["signal_z"][j]),
+             "verdict": str(d["tilt_verdict"][j])}
+            for j in range(len(d["z"]))
+        ],
+        "rolled_back_tilts": rows("rolled_back"),
+        "no_signal_tilts": rows("no_signal"),
+        "weak_particles": d["weak_particles"].tolist(),
+        "z_total": d["z_total"], "z_signal": d["z_signal"],
+        "messages": _messages(d),
+        "seconds": time.perf_counter() - t0,
+    }
+    if report is not None:
+        report("validation", verdict=record["verdict"], rolled_back=len(record["rolled_back_tilts"]),
+               no_signal=len(record["no_signal_tilts"]), weak_particles=len(record["weak_particles"]),
+               messages=record["messages"], seconds=record["seconds"])
+    return p_out, x_out, record

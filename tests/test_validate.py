@@ -1,0 +1,183 @@
+"""Held-out validation (polish3d.refine.validate): the decision rule on synthetic numbers, and
+end to end on a small simulated tomogram (a signal-free tilt; a normal set)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from polish3d.refine import validate
+
+# ------------------------------------------------------------------------------------------------
+# the decision rule (pure function)
+
+
+def _pairs(rng, n, f, signal, noise=1.0):
+    """CC of n particles × f tilts: per-tilt mean ``signal`` (F,) plus Gaussian noise."""
+    return np.asarray(signal)[None, :] + noise * rng.normal(size=(n, f))
+
+
+def test_decide_verdicts():
+    rng = np.random.default_rng(0)
+    n, f = 40, 6
+    vis = np.ones((n, f), bool)
+    cc_in = _pairs(rng, n, f, [4.0, 4.0, 4.0, 0.0, 4.0, 4.0])
+    # tilt 0: improved; 1: the same (started at its optimum); 2: worse; 3: no signal anywhere;
+    # 4: improved; 5: slightly better, not significantly
+    held = cc_in + np.array([3.0, 0.0, -2.0, 0.0, 1.0, 0.02]) + 0.3 * rng.normal(size=(n, f))
+    held[:, 3] = rng.normal(size=n)
+    d = validate.decide(held, cc_in, vis)
+    assert list(d["tilt_verdict"]) == ["improved", "kept", "rolled_back", "no_signal", "improved", "kept"]
+    assert list(d["rollback"]) == [False, False, True, True, False, False]
+    assert not d["mismatch"] and d["verdict"] == "rolled_back"
+    assert d["weak_particles"].size == 0
+    assert np.allclose(d["cc_input"], cc_in.mean(0)) and np.allclose(d["cc_refined"], held.mean(0))
+
+
+def test_decide_start_at_the_optimum_keeps_everything():
+    """Held-out CC statistically equal to the input's: nothing rolled back, verdict "kept"."""
+    rng = np.random.default_rng(1)
+    cc_in = _pairs(rng, 60, 30, np.full(30, 3.0))
+    held = cc_in + 0.2 * rng.normal(size=cc_in.shape) - 0.01
+    d = validate.decide(held, cc_in, np.ones(cc_in.shape, bool))
+    assert set(d["tilt_verdict"]) == {"kept"} and d["verdict"] == "kept"
+
+
+def test_decide_reference_mismatch_and_weak_particles():
+    rng = np.random.default_rng(2)
+    n, f = 50, 20
+    vis = rng.uniform(size=(n, f)) > 0.1
+    d = validate.decide(rng.normal(size=(n, f)), rng.normal(size=(n, f)), vis)
+    assert d["mismatch"] and d["verdict"] == "reference_mismatch"
+    assert d["rollback"].all()
+    msgs = validate._messages(d)
+    assert any("reference does not match" in m for m in msgs)
+    # a good tomogram with two empty particles (no signal in any tilt)
+    cc_in = _pairs(rng, n, f, np.full(f, 1.0))
+    held = cc_in + 1.0
+    held[[7, 31]] = rng.normal(size=(2, f))
+    d = validate.decide(held, cc_in, vis)
+    assert d["weak_particles"].tolist() == [7, 31] and not d["mismatch"]
+    assert any("2 particle(s)" in m for m in validate._messages(d))
+
+
+def test_t_statistic_edge_cases():
+    t, n = validate.t_statistic(np.array([[1.0], [2.0]]), np.ones((2, 1), bool))
+    assert t[0] == 0.0 and n[0] == 2  # fewer than 3 values: no conclusion
+    t, _ = validate.t_statistic(np.full((4, 1), 2.0), np.ones((4, 1), bool))
+    assert t[0] > 1e5
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end on a small simulated tomogram
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from polish3d.io import mrc
+    from polish3d.refine import tomogram
+    from polish3d.simulate import SimulationConfig, simulate
+
+    cfg = SimulationConfig(
+        n_tomograms=1, n_particles=24, n_unlisted=2, image_size_px=(224, 224), tilt_min_deg=-30,
+        tilt_max_deg=30, tilt_step_deg=5, tomo_thickness_px=48, pixel_size_ang=16.0, box_px=32,
+        shift_err_px=2.0, position_err_px=1.5, seed=3,
+    )
+    sim = simulate(cfg, tmp_path_factory.mktemp("val") / "sim")
+    stack = np.asarray(mrc.open_stack(sim.tilt_series[0].image_files[0][0]))
+    halves = [np.asarray(mrc.read_map(sim.out_dir / f"reference/half{i}.mrc")[0]) for i in (1, 2)]
+    refs, (idx, fsc) = tomogram.prepare_references(*halves, 32)
+    env = tomogram.reference_envelope(idx, fsc, 32, cfg.pixel_size_ang)
+    return sim, stack, refs, env
+
+
+def _per_tilt_error(sim, projections, positions):
+    """RMS 2D error per tilt (px) of a geometry against the truth."""
+    t_ts, t_p = sim.truth_tilt_series[0], sim.truth_particles["TS_01"]
+
+    def project(p, x):
+        return np.einsum("fij,nj->nfi", p[:, :2, :3], x) + p[None, :, :2, 3]
+
+    d = project(projections, positions) - project(t_ts.projections, t_p.positions_px)
+    return np.sqrt(np.mean(np.sum(d * d, -1), axis=0))
+
+
+def _run(sim, stack, refs, env, ts=None, **kw):
+    from polish3d.refine import tomogram
+
+    cfg = tomogram.AlignConfig(box=32, r=8, **kw)
+    events = []
+    res = tomogram.refine_tomogram(
+        ts or sim.tilt_series[0], sim.particles["TS_01"], stack, refs, env, cfg,
+        progress=lambda e, **k: events.append((e, k)),
+    )
+    return res, events
+
+
+def _check_record(v):
+    assert set(v) >= {"verdict", "tilts", "rolled_back_tilts", "no_signal_tilts", "weak_particles",
+                      "messages", "seconds"}
+    for t in v["tilts"]:
+        assert set(t) == {"row", "cc_input", "cc_refined", "z", "signal_z", "verdict"}
+
+
+def test_normal_set_nothing_rolled_back_accuracy_unchanged(tiny):
+    sim, stack, refs, env = tiny
+    res, events = _run(sim, stack, refs, env)
+    v = res.metrics["validation"]
+    _check_record(v)
+    assert v["verdict"] == "improved" and not v["rolled_back_tilts"] and not v["no_signal_tilts"]
+    assert [e for e, _ in events].count("validation") == 1
+    off, _ = _run(sim, stack, refs, env, validate=False)
+    assert "validation" not in off.metrics
+    np.testing.assert_array_equal(res.projections, off.projections)
+    np.testing.assert_array_equal(res.positions_px, off.positions_px)
+
+
+def test_signal_free_tilt_is_flagged_and_keeps_its_input(tiny):
+    sim, stack, refs, env = tiny
+    j = 3
+    rng = np.random.default_rng(1)
+    noisy = np.array(stack, copy=True)
+    noisy[j] = rng.normal(stack[j].mean(), stack[j].std(), stack[j].shape)
+    ts = sim.tilt_series[0]
+    p = ts.projections.copy()
+    p[j, :2, 3] += [4.0, -4.0]
+    ts = dataclasses.replace(ts, projections=p)
+    res, _ = _run(sim, noisy, refs, env, ts=ts)
+    v = res.metrics["validation"]
+    _check_record(v)
+    assert v["no_signal_tilts"] == [j] and not v["rolled_back_tilts"]
+    assert any(f"[{j}]" in m for m in v["messages"])
+    err_in = _per_tilt_error(sim, ts.projections, sim.particles["TS_01"].positions_px)
+    err_out = _per_tilt_error(sim, res.projections, res.positions_px)
+    assert err_out[j] <= err_in[j]
+    others = np.delete(err_out, j)
+    assert np.sqrt(np.mean(others**2)) < 0.15, others
+    np.testing.assert_array_equal(res.projections[j], ts.projections[j])
+
+
+def test_reference_of_another_structure_does_not_move_the_geometry(tiny):
+    """A reference with the phantom's power spectrum but random phases (another structure of
+    the same size): the refinement finds consistent but spurious maxima; the held-out CC does
+    not rise above what a search over noise reaches, so the whole tomogram keeps its input."""
+    from polish3d.refine import tomogram
+    from polish3d.simulate import phantom_volume, soft_sphere_mask
+
+    sim, stack, _, _ = tiny
+    rng = np.random.default_rng(7)
+    ft = np.fft.rfftn(phantom_volume(32, 16.0))
+    phases = np.exp(2j * np.pi * rng.uniform(size=ft.shape))
+    vol = np.fft.irfftn(np.abs(ft) * phases, s=(32,) * 3, axes=(0, 1, 2))
+    vol = vol * soft_sphere_mask(32, 9.0, 3.0) / np.abs(vol).max()
+    halves = [(vol + 0.02 * rng.normal(size=vol.shape)).astype(np.float32) for _ in range(2)]
+    refs, (idx, fsc) = tomogram.prepare_references(*halves, 32)
+    env = tomogram.reference_envelope(idx, fsc, 32, 16.0)
+    res, _ = _run(sim, stack, refs, env)
+    v = res.metrics["validation"]
+    _check_record(v)
+    assert v["verdict"] == "reference_mismatch"
+    assert any("reference does not match" in m for m in v["messages"])
+    ts, parts = sim.tilt_series[0], sim.particles["TS_01"]
+    np.testing.assert_array_equal(res.projections, ts.projections)
+    np.testing.assert_array_equal(res.positions_px, parts.positions_px)
