@@ -15,7 +15,7 @@ Model of one particle in tilt ``j`` (RELION §2.5)::
 from __future__ import annotations
 
 from polish3d.imaging.ctf import ctf_2d, defocus_at_depth, dose_weights, electron_wavelength_ang
-from polish3d.imaging.extract import circle_mask, extract_observation, extract_window
+from polish3d.imaging.extract import circle_mask, extract_observation, extract_window, observe_windows
 from polish3d.imaging.fourier import (
     centre_phase_2d,
     centre_phase_3d,
@@ -27,7 +27,7 @@ from polish3d.imaging.fourier import (
     rfft2c,
     shift_phase,
 )
-from polish3d.imaging.noise import noise_power, periodogram_average, radial_average
+from polish3d.imaging.noise import noise_power, noise_spectra, radial_average, tile_corners
 from polish3d.imaging.projection import central_slice, nyquist_mask, predict_particle
 from polish3d.imaging.reference import (
     fsc_envelope,
@@ -54,8 +54,9 @@ __all__ = [
     "gridding_correction",
     "irfft2c",
     "noise_power",
+    "noise_spectra",
     "nyquist_mask",
-    "periodogram_average",
+    "observe_windows",
     "predict_particle",
     "prepare_reference",
     "radial_average",
@@ -65,4 +66,5 @@ __all__ = [
     "rfft2c",
     "shift_phase",
     "taper_weights",
+    "tile_corners",
 ]

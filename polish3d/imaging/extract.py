@@ -7,7 +7,7 @@ import numpy as np
 
 from polish3d.imaging.fourier import rfft2c, shift_phase
 
-__all__ = ["EDGE_FALLOFF_PX", "circle_mask", "extract_observation", "extract_window"]
+__all__ = ["EDGE_FALLOFF_PX", "circle_mask", "extract_observation", "extract_window", "observe_windows"]
 
 EDGE_FALLOFF_PX = 5.0
 
@@ -64,7 +64,19 @@ def extract_observation(image, position_px, box: int) -> jnp.ndarray:
     r = jnp.floor(u + 0.5)
     corner = r.astype(jnp.int32) - box // 2
     win = extract_window(jnp.asarray(image, dtype=jnp.float32), corner, box)
+    return observe_windows(win, u - r)
+
+
+def observe_windows(windows, frac_px) -> jnp.ndarray:
+    """Fourier observations from raw windows ``(..., s, s)`` and sub-pixel offsets ``(..., 2)``.
+
+    The second half of :func:`extract_observation` (the refinement gathers its windows on the
+    host, :func:`polish3d.refine.ccmaps.gather_pairs`, and calls this on them): the mean of the
+    pixels at radius ``> s/2`` subtracted, the soft circular mask, the centred unitary rfft2 and
+    the phase ramp of ``frac = u − round(u)`` that puts the exact position at the phase origin.
+    """
+    box = windows.shape[-1]
     mask, outside = circle_mask(box)
-    mean_out = jnp.sum(jnp.where(outside, win, 0.0)) / max(int(outside.sum()), 1)
-    win = mask * (win - mean_out)
-    return rfft2c(win) * shift_phase(box, -(u - r))
+    n_out = max(int(outside.sum()), 1)
+    mean_out = jnp.sum(jnp.where(outside, windows, 0.0), axis=(-2, -1), keepdims=True) / n_out
+    return rfft2c(mask * (windows - mean_out)) * shift_phase(box, -frac_px)

@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from polish3d.imaging.fourier import radius_2d
 
-__all__ = ["noise_power", "periodogram_average", "radial_average"]
-
-
-def periodogram_average(image, box: int) -> jnp.ndarray:
-    """Mean unitary periodogram ``|rfft2(tile)|²/s²`` of ``s × s`` tiles with 50 % overlap.
-
-    Tiles start at multiples of ``s//2`` and must lie inside the image
-    (``0..(W−s)//(s//2)`` per axis), as RELION. Tiles are not windowed and their mean is not
-    removed (the DC term is meaningless but unused).
-
-    Args:
-        image: ``(H, W)`` ``[y, x]`` (``H, W ≥ box``).
-        box: tile size ``s`` (static).
-
-    Returns:
-        float32 ``(box, box//2+1)``.
-    """
-    img = jnp.asarray(image, dtype=jnp.float32)
-    h, w = img.shape
-    step = box // 2
-    ny = (h - box) // step + 1
-    nx = (w - box) // step + 1
-    ar = np.arange(box)
-    cols = np.arange(nx)[:, None] * step + ar[None, :]  # (nx, s)
-
-    def row(by):
-        strip = jax.lax.dynamic_slice_in_dim(img, by * step, box, axis=0)  # (s, W)
-        tiles = jnp.moveaxis(strip[:, cols], 1, 0)  # (nx, s, s)
-        ft = jnp.fft.rfft2(tiles, norm="ortho")
-        return jnp.sum(ft.real**2 + ft.imag**2, axis=0)
-
-    total = jax.lax.map(row, jnp.arange(ny))
-    return (jnp.sum(total, axis=0) / (nx * ny)).astype(jnp.float32)
+__all__ = ["noise_power", "noise_spectra", "radial_average", "tile_corners"]
 
 
 def radial_average(spectrum, box: int) -> jnp.ndarray:
@@ -66,11 +36,49 @@ def radial_average(spectrum, box: int) -> jnp.ndarray:
     return (acc * inv)[:sh]
 
 
+@functools.partial(jax.jit, static_argnames=("box",))
+def _tile_power(tiles, box: int):
+    """Radially averaged mean unitary periodogram of ``(T, s, s)`` tiles → ``(s//2+1,)``."""
+    ft = jnp.fft.rfft2(tiles, norm="ortho")
+    return radial_average(jnp.mean(ft.real**2 + ft.imag**2, axis=0), box)
+
+
+def tile_corners(height_px: int, width_px: int, box: int, max_tiles: int | None = None) -> np.ndarray:
+    """``(T, 2)`` ``(y, x)`` corners of the ``s × s`` tiles on RELION's 50 %-overlap grid
+    (multiples of ``s//2``, inside the image), or an evenly spread subset of ``max_tiles``."""
+    step = box // 2
+    ys = np.arange((height_px - box) // step + 1) * step
+    xs = np.arange((width_px - box) // step + 1) * step
+    corners = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    if max_tiles is not None and len(corners) > max_tiles:
+        corners = corners[np.unique(np.linspace(0, len(corners) - 1, max_tiles).astype(int))]
+    return corners
+
+
+def noise_spectra(stack, box: int, max_tiles: int | None = 256) -> np.ndarray:
+    """Radial noise power ``(F, s//2+1)`` of every tilt image (RELION's whitening input, §2.4).
+
+    The mean unitary periodogram ``|rfft2(tile)|²/s²`` of ``s × s`` tiles on RELION's 50 %-overlap
+    grid (:func:`tile_corners`; RELION ``PowerSpectrum::periodogramAverage2D``: tiles neither
+    windowed nor mean-subtracted), radially averaged (:func:`radial_average`). For large images
+    an evenly spread subset of at most ``max_tiles`` tiles is used (a 4k × 6k image has ~6000 at
+    box 128; 256 tiles estimate each shell to about 1–2 %); ``None``: every tile.
+    """
+    f, h, w = stack.shape
+    corners = tile_corners(h, w, box, max_tiles)
+    out = np.empty((f, box // 2 + 1), np.float64)
+    for j in range(f):
+        img = np.asarray(stack[j], np.float32)
+        tiles = np.lib.stride_tricks.sliding_window_view(img, (box, box))[corners[:, 0], corners[:, 1]]
+        out[j] = np.asarray(_tile_power(jnp.asarray(tiles), box))
+    return out
+
+
 def noise_power(image, box: int) -> jnp.ndarray:
     """Radially averaged noise power ``P(ρ)`` (shells ``0..box//2``) of one tilt image.
 
-    :func:`periodogram_average` followed by :func:`radial_average` (RELION's whitening input,
-    §2.4). Unitary FFT: white noise of variance σ² gives ``P ≈ σ²`` in every shell.
+    :func:`noise_spectra` of the one image over every tile (RELION's whitening input, §2.4).
+    Unitary FFT: white noise of variance σ² gives ``P ≈ σ²`` in every shell.
 
     Args:
         image: ``(H, W)`` tilt image ``[y, x]``.
@@ -79,4 +87,5 @@ def noise_power(image, box: int) -> jnp.ndarray:
     Returns:
         float32 ``(box//2+1,)``.
     """
-    return radial_average(periodogram_average(image, box), box)
+    img = np.asarray(image, np.float32)
+    return jnp.asarray(noise_spectra(img[None], box, None)[0], jnp.float32)

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from polish3d import imaging
-from polish3d.imaging.extract import circle_mask
-from polish3d.imaging.fourier import radius_2d, rfft2c, shift_phase
+from polish3d.imaging.extract import observe_windows
+from polish3d.imaging.fourier import radius_2d
 
 __all__ = [
     "CCInputs",
@@ -117,18 +117,6 @@ def gather_pairs(stack, positions_px: np.ndarray, tilts: np.ndarray, box: int) -
             ix = np.clip(c[:, 0, None] + ar, 0, w - 1)
             out[edge] = np.asarray(img)[iy[:, :, None], ix[:, None, :]]
     return out
-
-
-def observe_windows(windows: jax.Array, frac_px: jax.Array) -> jax.Array:
-    """Fourier observations from raw windows (``(..., s, s)``) and sub-pixel offsets ``(..., 2)``.
-
-    ``frac = u − round(u)``; the result has the exact position ``u`` at the phase origin.
-    """
-    box = windows.shape[-1]
-    mask, outside = circle_mask(box)
-    n_out = max(int(outside.sum()), 1)
-    mean_out = jnp.sum(jnp.where(outside, windows, 0.0), axis=(-2, -1), keepdims=True) / n_out
-    return rfft2c(mask * (windows - mean_out)) * shift_phase(box, -frac_px)
 
 
 @functools.partial(

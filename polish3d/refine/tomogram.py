@@ -186,36 +186,6 @@ def reference_envelope(
 
 
 @functools.partial(jax.jit, static_argnames=("box",))
-def _tile_power(tiles, box: int):
-    """Radially averaged mean unitary periodogram of ``(T, s, s)`` tiles → ``(s//2+1,)``."""
-    ft = jnp.fft.rfft2(tiles, norm="ortho")
-    return imaging.radial_average(jnp.mean(ft.real**2 + ft.imag**2, axis=0), box)
-
-
-def noise_spectra(stack, box: int, max_tiles: int = 256) -> np.ndarray:
-    """Radial noise power ``(F, s//2+1)`` of every tilt image (RELION's whitening input, §2.4).
-
-    The mean periodogram of ``s × s`` tiles on RELION's 50 %-overlap grid (tiles start at
-    multiples of ``s//2`` and lie inside the image). For large images an evenly spread subset of
-    at most ``max_tiles`` tiles is used (a 4k × 6k image has ~6000 at box 128; 256 tiles estimate
-    each shell of the radial average to about 1–2 %).
-    """
-    f, h, w = stack.shape
-    step = box // 2
-    ys = np.arange((h - box) // step + 1) * step
-    xs = np.arange((w - box) // step + 1) * step
-    corners = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
-    if len(corners) > max_tiles:
-        corners = corners[np.unique(np.linspace(0, len(corners) - 1, max_tiles).astype(int))]
-    out = np.empty((f, box // 2 + 1), np.float64)
-    for j in range(f):
-        img = np.asarray(stack[j], np.float32)
-        tiles = np.lib.stride_tricks.sliding_window_view(img, (box, box))[corners[:, 0], corners[:, 1]]
-        out[j] = np.asarray(_tile_power(jnp.asarray(tiles), box))
-    return out
-
-
-@functools.partial(jax.jit, static_argnames=("box",))
 def _dose_stack(pre_exposure, pixel_size, bfactor, box: int):
     return jax.vmap(lambda n: imaging.dose_weights(box, pixel_size, n, bfactor))(pre_exposure)
 
@@ -225,7 +195,7 @@ def prepare_tomogram_constants(
 ) -> ccmaps.CCInputs:
     """The CC-stage constants of one tomogram (weights, dose, CTF parameters, references)."""
     box = config.box
-    noise = noise_spectra(stack, box)
+    noise = imaging.noise_spectra(stack, box)
     dose = dose_weight_stack(ts, box, ts.pixel_size_ang)
     weights = ccmaps.frequency_weights(
         noise, envelope, dose, box=box, whiten=config.whiten, per_frame_noise=config.per_frame_noise,
