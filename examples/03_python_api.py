@@ -76,7 +76,7 @@ def main(out_dir: Path, small: bool) -> dict:
         print(f"  outer {step['outer']} (CC low-pass {step.get('blur_px', 0):g} px): cost "
               f"{step['cost_initial']:.5g} → {step['cost_final']:.5g} in {step['iterations']} "
               f"L-BFGS iterations{moves}")
-    print(f"refined in {seconds:.1f} s, status {result.metrics['status']}")
+    print(f"refined in {seconds:.1f} s, status {result.status}")
 
     # arrays: where do the input and the refined geometry put the particles, versus the truth?
     ts_ref = ts.replace(projections=result.projections)
@@ -91,7 +91,7 @@ def main(out_dir: Path, small: bool) -> dict:
     score = polish3d.score(refined_set, sim.truth_optimisation_set)
     print(score.table())
     return {"before_px": before, "after_px": after, "score_rms_px": score.rms_px,
-            "status": result.metrics["status"]}
+            "status": result.status}
 
 
 if __name__ == "__main__":

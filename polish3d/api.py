@@ -301,22 +301,13 @@ def align(
     )
     outcome = align_files(inputs, out_dir, _config(config, options),
                           only_do_unfinished=only_do_unfinished, write_note=False)
-    for res in outcome.results.values():
-        res.metrics.setdefault("status", _status(res.metrics))
-    if any(r.metrics.get("status") != "converged" for r in outcome.results.values()):
+    if any(r.status != "converged" for r in outcome.results.values()):
         outcome.status = "not_converged"
     return outcome
 
 
 # ---------------------------------------------------------------------------------------------
 # arrays
-
-
-def _status(metrics: Mapping) -> str:
-    outer = metrics.get("outer") or []
-    if not outer:
-        return "converged"
-    return "converged" if outer[-1].get("converged", True) else "not_converged"
 
 
 def refine_tilt_series(
@@ -357,7 +348,7 @@ def refine_tilt_series(
     Returns:
         :class:`TomogramResult`: refined ``projections`` ``(F, 4, 4)``, ``positions_px``
         ``(N, 3)`` (``None`` with ``shift_only``), ``trajectories_px``, ``deformation`` and
-        ``metrics`` (``status``: ``"converged"`` or ``"not_converged"``; per outer iteration
+        ``status`` (``"converged"`` or ``"not_converged"``) and ``metrics`` (per outer iteration
         cost, L-BFGS iterations, 2D moves in px; per-tilt CC; ``displacement_rms_px``,
         ``seconds``).
 
@@ -385,9 +376,7 @@ def refine_tilt_series(
         fsc_v = np.asarray(fsc, np.float64)
         idx = np.arange(len(fsc_v))
     weights = envelope(config, idx, fsc_v, ts.pixel_size_ang)
-    res = refine_arrays(ts, particles, stack, refs_ft, weights, config, progress=progress)
-    res.metrics["status"] = _status(res.metrics)
-    return res
+    return refine_arrays(ts, particles, stack, refs_ft, weights, config, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------

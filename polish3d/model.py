@@ -135,6 +135,9 @@ class TomogramResult:
             lowest-dose tilt) or ``None``.
         deformation: refined deformation or ``None`` (keep the input's).
         metrics: JSON-serialisable statistics.
+        particle_names: ``rlnTomoParticleName`` of the rows of ``positions_px``.
+        status: ``"converged"``, or ``"not_converged"`` when the last L-BFGS run stopped at its
+            iteration limit.
     """
 
     name: str
@@ -143,6 +146,8 @@ class TomogramResult:
     trajectories_px: np.ndarray | None = None
     deformation: Deformation | None = None
     metrics: dict = field(default_factory=dict)
+    particle_names: tuple[str, ...] = ()
+    status: str = "converged"
 
 
 def deformation_coefficient_count(model: str, grid) -> int:

@@ -284,7 +284,7 @@ def write_outputs(out_dir: Path, tset, pset, results, trajectories, particles_fi
         for name, res in results.items():
             if res.positions_px is not None:
                 ts = tset.tilt_series(name, load_images=False)
-                pset = pset.with_positions(ts, res.metrics["particle_names"], res.positions_px)
+                pset = pset.with_positions(ts, list(res.particle_names), res.positions_px)
         new_particles = pset.write(out_dir / "particles.star")
     traj_path = None
     any_traj = any(r.trajectories_px is not None for r in results.values())
@@ -294,7 +294,7 @@ def write_outputs(out_dir: Path, tset, pset, results, trajectories, particles_fi
             if res.trajectories_px is None:
                 continue
             ts = tset.tilt_series(name, load_images=False)
-            for i, pname in enumerate(res.metrics["particle_names"]):
+            for i, pname in enumerate(res.particle_names):
                 merged[pname] = np.asarray(res.trajectories_px[i]) * ts.pixel_size_ang
         # order: tomograms of the set, then particles within each tomogram (RELION's order)
         ordered = {}

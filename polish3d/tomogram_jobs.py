@@ -260,11 +260,11 @@ def refine_arrays(ts, parts, stack, refs_ft, weights, config: RefineConfig,
                   progress: Callable[..., None] | None = None) -> TomogramResult:
     """Refine one tilt series held in arrays (:func:`polish3d.refine.tomogram.refine_tomogram`).
 
-    ``weights`` is :func:`envelope`; the result's ``metrics`` carry ``particle_names``.
+    ``weights`` is :func:`envelope`; the result carries the particles' names.
     """
     from polish3d.refine.tomogram import refine_tomogram
 
     res = refine_tomogram(ts, parts, stack, refs_ft, weights, config.tomogram, motion=config.motion,
                           deformation=config.deformation, progress=progress)
-    res.metrics["particle_names"] = list(parts.names)
+    res.particle_names = tuple(parts.names)
     return res

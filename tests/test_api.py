@@ -119,7 +119,7 @@ def test_refine_tilt_series_arrays(sim, refined, tmp_path):
     data, res, events = refined
     assert isinstance(res, polish3d.TomogramResult)
     assert res.projections.shape == (7, 4, 4) and res.positions_px.shape == (10, 3)
-    assert res.metrics["status"] in ("converged", "not_converged")
+    assert res.status in ("converged", "not_converged")
     assert len(res.metrics["outer"]) >= 1 and np.isfinite(res.metrics["displacement_rms_px"])
     assert "outer" in events and "coarse_shift" in events
     # the refined geometry projects the particles closer to the truth than the input
@@ -154,7 +154,7 @@ def test_align_files(sim, refined, tmp_path):
         assert (tmp_path / "aligned" / f).is_file(), f
     assert not (tmp_path / "aligned" / "RELION_JOB_EXIT_SUCCESS").exists()
     assert set(out.results) == {"TS_01"} and out.skipped == []
-    assert out.results["TS_01"].metrics["status"] in ("converged", "not_converged")
+    assert out.results["TS_01"].status in ("converged", "not_converged")
     before = polish3d.score(sim.optimisation_set, sim.truth_optimisation_set)
     after = polish3d.score(out.optimisation_set, sim.truth_optimisation_set)
     assert after.rms_px < 0.8 * before.rms_px

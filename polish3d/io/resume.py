@@ -64,7 +64,8 @@ def save_result(out_dir, res: TomogramResult, record: dict) -> Path:
     temp.mkdir(exist_ok=True)
     final = _path(out_dir, res.name)
     tmp = final.with_name(final.name + ".tmp")
-    arrays = {"projections": res.projections}
+    arrays = {"projections": res.projections, "particle_names": np.asarray(res.particle_names, str),
+              "status": np.asarray(res.status)}
     if res.positions_px is not None:
         arrays["positions_px"] = res.positions_px
     if res.trajectories_px is not None:
@@ -128,6 +129,8 @@ def load_result(out_dir, name: str, record: dict) -> tuple[TomogramResult | None
         trajectories_px=data.get("trajectories_px"),
         deformation=deformation,
         metrics=metrics,
+        particle_names=tuple(str(v) for v in data.get("particle_names", ())),
+        status=str(data.get("status", "converged")),
     )
     arrays = [res.projections, res.positions_px, res.trajectories_px]
     if any(a is not None and not np.all(np.isfinite(a)) for a in arrays):

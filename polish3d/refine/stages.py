@@ -508,6 +508,9 @@ def summarise(
         trajectories_px=problem.particles.trajectories_px,
         deformation=ts.deformation,
         metrics=metrics,
+        particle_names=tuple(problem.particles.names),
+        status="converged" if all(st.get("converged", True) for st in metrics["outer"][-1:])
+        else "not_converged",
     )
     for pl in problem.plugins.values():
         pl.finish(final.plugin_params[pl.key], result)
