@@ -478,9 +478,41 @@ def validate(problem: TomogramProblem, start: RefineState, state: RefineState, f
         thresholds=validate_mod.Thresholds(*cfg.validate_z, search_radius_px=cfg.r),
         report=problem.report,
     )
+    t0 = time.perf_counter()
+    agree = _tilt_half_agreement(problem, state)
+    seconds = time.perf_counter() - t0
+    record["half_agreement"] = {"particles": int(agree.size), "agreeing": int(agree.sum()),
+                                "seconds": seconds}
+    record["seconds"] = record.get("seconds", 0.0) + seconds
+    if validate_mod.matches_nothing(agree) and record["verdict"] != "reference_mismatch":
+        state.projections, state.positions_px = start.projections.copy(), start.positions_px.copy()
+        record["verdict"] = "reference_mismatch"
+        record["messages"] = [validate_mod.MISMATCH_MESSAGE + "; the input geometry is kept "
+                              f"(only {int(agree.sum())} of {agree.size} particles are found at the "
+                              "same place in the even and in the odd tilts)"]
     state.metrics["validation"] = record
     if record["verdict"] == "reference_mismatch":  # the input motion and deformation too
         state.plugin_params = dict(start.plugin_params)
+
+
+def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, n_max: int = 48) -> np.ndarray:
+    """``(m,)`` whether each of up to ``n_max`` particles (evenly spread) is found at the same 3D
+    place by independent searches in the even and in the odd tilts, at the refined tilt geometry
+    (:func:`polish3d.refine.validate.half_positions`; search radius ``r``, at least 10 px so that
+    chance agreement stays near 1 %, at most ``s/2 − 2``)."""
+    cfg, n = problem.config, problem.particles.n_particles
+    geom = predict(problem, state)
+    sub = np.unique(np.linspace(0, n - 1, min(n, n_max)).astype(int))
+    sub = sub[geom.visible[sub].sum(axis=1) >= 6]  # both halves need tilts
+    if sub.size == 0:
+        return np.zeros(0, bool)
+    radius = int(min(cfg.box // 2 - 2, max(np.ceil(cfg.r), 10)))
+    win, _ = ccmaps.compute_cc_windows(
+        problem.stack, geom.subset(sub), problem.const, box=cfg.box, half_width=radius,
+        chunk=problem.chunk,
+    )
+    halves = validate_mod.half_positions(win, state.projections, geom.visible[sub], radius)
+    return validate_mod.positions_agree(halves)
 
 
 # ----------------------------------------------------------------------------------------------
