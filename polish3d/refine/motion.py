@@ -73,6 +73,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
@@ -273,6 +274,10 @@ class GPMotion:
         return offsets + data["motion_base"], jnp.sum(params * params)
 
 
+_velocities_jit = jax.jit(lambda model, params, data: model.velocities(params, data), static_argnums=0)
+_offsets_jit = jax.jit(lambda model, params, data: model.offsets_and_prior(params, data), static_argnums=0)
+
+
 class MotionPlugin:
     """Stage-2 plug-in of the GP motion model (contract: ``refine.tomogram._build_plugins``).
 
@@ -355,21 +360,25 @@ class MotionPlugin:
         return dict(self._data)
 
     def velocities(self, params) -> np.ndarray:
-        """``(F−1, N_pad, 3)`` px per dose step (host, float64)."""
-        c = np.asarray(params, np.float64)
-        nbp = self.basis.shape[1]
-        v = np.einsum("pb,mbd->mpd", self.basis, c[:, :nbp])
-        if self.static.diagonal:
-            v = v + self.diag[None, :, None] * c[:, nbp:]
-        if self.static.translation:
-            v = remove_rigid(v, self.r, self.jinv, self.mask, self.static.rotation, xp=np)
-        return v
+        """``(F−1, N_pad, 3)`` px per dose step: the model's own :meth:`GPMotion.velocities`,
+        evaluated on the host in float64."""
+        with jax.enable_x64(True):
+            v = _velocities_jit(self.static, jnp.asarray(params, jnp.float64), self._host_data())
+            return np.asarray(v, np.float64)
 
     def gp_offsets(self, params) -> np.ndarray:
-        """The GP part of the trajectories ``(N, F, 3)`` px, file order, zero at dose rank 0."""
-        v = self.velocities(params)
-        cum = np.concatenate([np.zeros((1,) + v.shape[1:]), np.cumsum(v, axis=0)], axis=0)
-        return rearrange(cum[self.rank], "f n xyz -> n f xyz")[: self.n]
+        """The GP part of the trajectories ``(N, F, 3)`` px, file order, zero at dose rank 0: the
+        model's own :meth:`GPMotion.offsets_and_prior` without the input trajectories."""
+        with jax.enable_x64(True):
+            offsets, _ = _offsets_jit(self.static, jnp.asarray(params, jnp.float64), self._host_data())
+            return np.asarray(offsets, np.float64)[: self.n] - self.base[: self.n]
+
+    def _host_data(self) -> dict:
+        """The model's data from the float64 host copies (call inside ``jax.enable_x64``)."""
+        host = {"motion_basis": self.basis, "motion_diag": self.diag, "motion_base": self.base,
+                "motion_r": self.r, "motion_jinv": self.jinv, "particle_mask": self.mask}
+        return {"motion_rank": jnp.asarray(self.rank, jnp.int32),
+                **{k: jnp.asarray(np.asarray(v, np.float64)) for k, v in host.items()}}
 
     def trajectories(self, params) -> np.ndarray:
         """Current total trajectories ``(N, F, 3)`` px (file order): input + GP correction."""
