@@ -507,8 +507,10 @@ def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, n_max: in
     if sub.size == 0:
         return np.zeros(0, bool)
     radius = int(min(cfg.box // 2 - 2, max(np.ceil(cfg.r), 10)))
+    # the outer passes' window width when it is wide enough (their compiled CC function serves)
+    half_width = problem.half_width_px if problem.half_width_px >= radius else radius
     win, _ = ccmaps.compute_cc_windows(
-        problem.stack, geom.subset(sub), problem.const, box=cfg.box, half_width=radius,
+        problem.stack, geom.subset(sub), problem.const, box=cfg.box, half_width=half_width,
         chunk=problem.chunk,
     )
     halves = validate_mod.half_positions(win, state.projections, geom.visible[sub], radius)

@@ -42,6 +42,9 @@ __all__ = [
     "validate_tomogram",
 ]
 
+#: particles (evenly spread) whose held-out and input CC judge the tilts
+MAX_JUDGED = 256
+
 MISMATCH_MESSAGE = (
     "the reference does not match these particles: check the reference map, its pixel size and "
     "handedness"
@@ -321,9 +324,14 @@ def validate_tomogram(
     data, params = final_problem
     n = x_refined.shape[0]
     held = held_out_cc(data, params, options, free_keys, max_iter=max_iter, ftol=ftol)[:n]
-    cc_in = likelihood.compute_taylor(stack, input_geometry, const, box=box, chunk=chunk, order=0)
-    cc_in = cc_in[:n, :, 0].astype(np.float64)
+    # the input CC of up to MAX_JUDGED particles (evenly spread): enough for every tilt's
+    # t-statistics, and the CC pass (the order the final stage compiled) stays bounded
+    judged = np.unique(np.linspace(0, n - 1, min(n, MAX_JUDGED)).astype(int))
+    cc_in = np.zeros((n, held.shape[1]))
+    cc_in[judged] = likelihood.compute_taylor(stack, input_geometry.subset(judged), const, box=box,
+                                              chunk=chunk)[: judged.size, :, 0]
     visible = input_geometry.visible & (np.asarray(data["weight"])[:n] > 0)
+    visible &= np.isin(np.arange(n), judged)[:, None]
     d = decide(held, cc_in, visible, thresholds)
     p_out, x_out = np.array(p_refined, np.float64), np.array(x_refined, np.float64)
     if d["mismatch"]:
