@@ -80,7 +80,7 @@ def enable_compilation_cache() -> None:
 
         Path(where).mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", where)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     except Exception:  # pragma: no cover - a cache is an optimisation, never a failure
         log.debug("no JAX compilation cache at %s", where)
 
