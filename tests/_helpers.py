@@ -100,21 +100,8 @@ def _linear(coeffs, image_size, pts):
 
 
 def reference_deformation(deformation, image_size_px, points_px, tilt: int):
-    """The 2D deformation ``def_j(u)`` (pixels) of tilt ``tilt`` at image points ``u``.
-
-    Implements RELION's ``spline`` (cubic Hermite on a ``gw × gh`` node grid spanning the image,
-    layout ``((dim·gh + iy)·gw + ix)·4 + {value, slope_x, slope_y, twist}``), ``linear``
-    (``(a_xx·rx, a_xy·rx + a_yy·ry)`` about the image centre) and ``Fourier`` models (spec §4).
-
-    Args:
-        deformation: the model (``None`` ⇒ zeros).
-        image_size_px: ``(W, H)``.
-        points_px: ``(N, 2)`` positions ``(x, y)``.
-        tilt: row of ``deformation.coefficients``.
-
-    Returns:
-        ``(N, 2)`` displacement to add to the points.
-    """
+    """NumPy spelling of ``polish3d.score.evaluate_deformation`` (same arguments and result),
+    written from RELION's layouts independently of the JAX model."""
     pts = np.asarray(points_px, dtype=np.float64).reshape(-1, 2)
     if deformation is None:
         return np.zeros_like(pts)
@@ -126,3 +113,23 @@ def reference_deformation(deformation, image_size_px, points_px, tilt: int):
     if deformation.model == "linear":
         return _linear(c, image_size_px, pts)
     raise ValueError(f"unknown deformation model {deformation.model!r}")
+
+
+def tiny_refinement_problem(directory, n_particles: int, image_px: int, tilt_step_deg: float):
+    """A one-tomogram simulated set (±30°, box 32 at 16 Å/px, seed 3) and what
+    ``refine_tomogram`` takes: ``(sim, stack, refs_ft, envelope)``."""
+    from polish3d.io import mrc
+    from polish3d.refine import tomogram
+    from polish3d.simulate import SimulationConfig, simulate
+
+    cfg = SimulationConfig(
+        n_tomograms=1, n_particles=n_particles, n_unlisted=2, image_size_px=(image_px, image_px),
+        tilt_min_deg=-30, tilt_max_deg=30, tilt_step_deg=tilt_step_deg, tomo_thickness_px=48,
+        pixel_size_ang=16.0, box_px=32, shift_err_px=2.0, position_err_px=1.5, seed=3,
+    )
+    sim = simulate(cfg, Path(directory) / "sim")
+    stack = np.asarray(mrc.open_stack(sim.tilt_series[0].image_files[0][0]))
+    halves = [np.asarray(mrc.read_map(sim.out_dir / f"reference/half{i}.mrc")[0]) for i in (1, 2)]
+    refs, (idx, fsc) = tomogram.prepare_references(*halves, 32)
+    env = tomogram.reference_envelope(idx, fsc, 32, cfg.pixel_size_ang)
+    return sim, stack, refs, env

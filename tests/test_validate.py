@@ -74,21 +74,9 @@ def test_t_statistic_edge_cases():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from polish3d.io import mrc
-    from polish3d.refine import tomogram
-    from polish3d.simulate import SimulationConfig, simulate
+    from _helpers import tiny_refinement_problem
 
-    cfg = SimulationConfig(
-        n_tomograms=1, n_particles=24, n_unlisted=2, image_size_px=(224, 224), tilt_min_deg=-30,
-        tilt_max_deg=30, tilt_step_deg=5, tomo_thickness_px=48, pixel_size_ang=16.0, box_px=32,
-        shift_err_px=2.0, position_err_px=1.5, seed=3,
-    )
-    sim = simulate(cfg, tmp_path_factory.mktemp("val") / "sim")
-    stack = np.asarray(mrc.open_stack(sim.tilt_series[0].image_files[0][0]))
-    halves = [np.asarray(mrc.read_map(sim.out_dir / f"reference/half{i}.mrc")[0]) for i in (1, 2)]
-    refs, (idx, fsc) = tomogram.prepare_references(*halves, 32)
-    env = tomogram.reference_envelope(idx, fsc, 32, cfg.pixel_size_ang)
-    return sim, stack, refs, env
+    return tiny_refinement_problem(tmp_path_factory.mktemp("val"), 24, 224, 5)
 
 
 def _per_tilt_error(sim, projections, positions):
