@@ -200,3 +200,28 @@ def test_half_positions_find_a_known_3d_displacement_in_both_halves():
     agree = validate.positions_agree(validate.half_positions(noise, p, np.ones((40, f), bool), 10))
     assert agree.sum() <= 3
     assert validate.matches_nothing(agree) and not validate.matches_nothing(np.ones(40, bool))
+
+
+def test_mirror_of_a_prepared_reference_is_the_prepared_mirror_image():
+    """``mirror_z`` on the prepared half maps equals preparing the volume mirrored in z about the
+    centre voxel (``z → s − z``)."""
+    from polish3d.imaging import prepare_reference
+
+    rng = np.random.default_rng(2)
+    vol = rng.normal(size=(16, 16, 16)).astype(np.float32)
+    mirrored = np.roll(vol[::-1], 1, axis=0)  # z → (s − z) mod s: about voxel s//2
+    a = np.asarray(validate.mirror_z(np.stack([prepare_reference(vol, 16)] * 2)))[0]
+    b = np.asarray(prepare_reference(mirrored, 16))
+    np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
+
+
+def test_reference_messages():
+    """Mirror fits better → wrong hand; little gain above the cut while the low band fits → the
+    reference only matches at low resolution; a good reference → nothing."""
+    good = {"particles": 80, "mirror_z": -60.0, "high_band_z": 60.0, "low_band_z": 80.0, "cut_ang": 40.0}
+    assert validate.reference_messages(good) == []
+    hand = validate.reference_messages({**good, "mirror_z": 63.5})
+    assert len(hand) == 1 and "wrong hand" in hand[0] and "63.5" in hand[0]
+    low = validate.reference_messages({**good, "high_band_z": 5.0, "low_band_z": 40.0})
+    assert len(low) == 1 and "only at low resolution" in low[0] and "40 Å" in low[0]
+    assert validate.reference_messages({"particles": 2}) == []

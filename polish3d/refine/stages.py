@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from polish3d import geometry
+from polish3d import geometry, imaging
 from polish3d.model import ParticleData, TiltSeriesData, TomogramResult
 from polish3d.refine import ccmaps, forward, likelihood, optimise, stage2
 from polish3d.refine import validate as validate_mod
@@ -468,7 +468,8 @@ def validate(problem: TomogramProblem, start: RefineState, state: RefineState, f
     """Held-out validation (:mod:`polish3d.refine.validate`): every tilt's refined geometry is
     judged on particles that did not fit it against its input geometry ``start``; tilts without
     signal or scoring worse keep their input geometry, and everything returns to the input when
-    the reference matches nothing. Writes ``metrics["validation"]``."""
+    the reference matches nothing (independent searches in the even and odd tilts disagree); a
+    reference whose mirror image fits better is reported. Writes ``metrics["validation"]``."""
     cfg = problem.config
     free = tuple(k for k in problem.free if k != "deformation")
     state.projections, state.positions_px, record = validate_mod.validate_tomogram(
@@ -480,19 +481,57 @@ def validate(problem: TomogramProblem, start: RefineState, state: RefineState, f
     )
     t0 = time.perf_counter()
     agree = _tilt_half_agreement(problem, state)
-    seconds = time.perf_counter() - t0
     record["half_agreement"] = {"particles": int(agree.size), "agreeing": int(agree.sum()),
-                                "seconds": seconds}
-    record["seconds"] = record.get("seconds", 0.0) + seconds
+                                "seconds": time.perf_counter() - t0}
     if validate_mod.matches_nothing(agree) and record["verdict"] != "reference_mismatch":
         state.projections, state.positions_px = start.projections.copy(), start.positions_px.copy()
         record["verdict"] = "reference_mismatch"
         record["messages"] = [validate_mod.MISMATCH_MESSAGE + "; the input geometry is kept "
                               f"(only {int(agree.sum())} of {agree.size} particles are found at the "
                               "same place in the even and in the odd tilts)"]
+    if record["verdict"] != "reference_mismatch":
+        checks = _reference_checks(problem, state)
+        record["reference_checks"] = checks
+        for message in validate_mod.reference_messages(checks):
+            record["messages"] = [*record["messages"], message]
+            problem.report("validation", message=message, warning=True)
+    record["seconds"] = record.get("seconds", 0.0) + time.perf_counter() - t0
     state.metrics["validation"] = record
     if record["verdict"] == "reference_mismatch":  # the input motion and deformation too
         state.plugin_params = dict(start.plugin_params)
+
+
+def _reference_checks(problem: TomogramProblem, state: RefineState, n_max: int = 128) -> dict:
+    """How the reference fits at the refined geometry, over up to ``n_max`` particles (summed exact
+    CC over each particle's visible tilts; t-statistics over particles):
+
+    ``mirror_z``: the mirror image's CC minus the reference's (positive: the mirror fits better,
+    although the geometry was fitted to the reference); ``high_band_z`` / ``low_band_z``: the CC
+    from frequencies above / below half the weights' support (``cut_ang``, Å).
+    """
+    cfg, n = problem.config, problem.particles.n_particles
+    geom = predict(problem, state)
+    sub = np.unique(np.linspace(0, n - 1, min(n, n_max)).astype(int))
+    sub = sub[geom.visible[sub].sum(axis=1) >= 3]
+    if sub.size < 3:
+        return {"particles": int(sub.size)}
+    g = geom.subset(sub)
+    w = np.asarray(problem.const.weights)
+    k_max = likelihood.spectrum_support(w * np.asarray(problem.const.dose), cfg.box)
+    low = jnp.asarray(w * (imaging.radius_2d(cfg.box) <= 0.5 * k_max)[None], jnp.float32)
+    mirrored = validate_mod.mirror_z(problem.const.refs)
+    consts = (problem.const, dataclasses.replace(problem.const, refs=mirrored),
+              dataclasses.replace(problem.const, weights=low))
+    own, mirror, low_cc = (
+        np.where(g.visible, likelihood.compute_taylor(
+            problem.stack, g, c, box=cfg.box, chunk=problem.chunk)[: sub.size, :, 0], 0.0).sum(axis=1)
+        for c in consts)
+
+    def t(values):
+        return float(validate_mod.t_statistic(values[:, None], np.ones((values.size, 1), bool))[0][0])
+
+    return {"particles": int(sub.size), "mirror_z": t(mirror - own), "high_band_z": t(own - low_cc),
+            "low_band_z": t(low_cc), "cut_ang": float(cfg.box * problem.ts.pixel_size_ang / (0.5 * k_max))}
 
 
 def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, n_max: int = 48) -> np.ndarray:

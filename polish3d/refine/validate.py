@@ -32,15 +32,34 @@ import numpy as np
 from polish3d.refine import likelihood, optimise
 
 __all__ = [
+    "LOW_RESOLUTION_MESSAGE",
+    "MIRROR_MESSAGE",
     "MISMATCH_MESSAGE",
+    "mirror_z",
     "half_positions",
     "positions_agree",
+    "reference_messages",
     "Thresholds",
     "decide",
     "held_out_cc",
     "t_statistic",
     "validate_tomogram",
 ]
+
+MIRROR_MESSAGE = (
+    "the mirror image of the reference fits these particles better than the reference itself "
+    "(t = {t:.1f} over {n} particles): the reference probably has the wrong hand; flip it (e.g. "
+    "relion_image_handler --flipZ) and run again"
+)
+#: a mirror image this many standard errors better than the reference is reported
+MIRROR_Z = 3.0
+LOW_RESOLUTION_MESSAGE = (
+    "frequencies beyond {cut:.0f} Å add little to how the reference fits these particles (t = "
+    "{high:.1f} against {low:.1f} below): it matches them only at low resolution; check that it "
+    "is the right structure, at the right pixel size"
+)
+#: below this ratio of the high- to the low-frequency t-statistic the reference is reported
+LOW_RESOLUTION_RATIO = 1 / 3
 
 #: particles (evenly spread) whose held-out and input CC judge the tilts
 MAX_JUDGED = 256
@@ -134,6 +153,25 @@ def matches_nothing(agree: np.ndarray, min_fraction: float = 1 / 3, min_count: i
     """
     agree = np.asarray(agree, bool)
     return bool(agree.size and agree.sum() < max(min_count, min_fraction * agree.size))
+
+
+def mirror_z(refs_ft):
+    """The prepared half maps ``(2, s, s, s//2+1)`` (``[half, kz, ky, kx]``, phase origin at the box
+    centre) of the mirror image ``z → −z`` about the centre voxel: ``F'(kz) = F(−kz)``."""
+    return jnp.roll(jnp.flip(refs_ft, axis=1), 1, axis=1)
+
+
+def reference_messages(checks: dict) -> list[str]:
+    """The warnings the reference checks of the validation stage call for (see
+    ``docs/algorithm.md``): a mirror image that fits significantly better, or a fit that
+    frequencies above the cut do not improve while those below it do."""
+    out = []
+    if checks.get("mirror_z", 0.0) >= MIRROR_Z:
+        out.append(MIRROR_MESSAGE.format(t=checks["mirror_z"], n=checks["particles"]))
+    low, high = checks.get("low_band_z", 0.0), checks.get("high_band_z", 0.0)
+    if low >= 3.0 and high < LOW_RESOLUTION_RATIO * low:
+        out.append(LOW_RESOLUTION_MESSAGE.format(cut=checks["cut_ang"], high=high, low=low))
+    return out
 
 
 def search_bias(radius_px: float) -> float:
