@@ -142,7 +142,8 @@ def positions_agree(halves: np.ndarray, tolerance_px: float = 3.0) -> np.ndarray
 
 def matches_nothing(agree: np.ndarray, min_fraction: float = 1 / 3, min_count: int = 3) -> bool:
     """The reference matches nothing when few particles' positions found in the even tilts agree
-    with those found in the odd tilts: fewer than ``max(min_count, min_fraction·n)``.
+    with those found in the odd tilts: fewer than ``max(min_count, min_fraction·n)``. With fewer
+    than ``2·min_count`` particles tested nothing is concluded.
 
     Where the reference matches, both halves find the particle's peak (every particle agreed in
     ``benchmarks/bench_validation.py`` down to SNR 0.02); where it matches nothing, the two argmax
@@ -152,7 +153,9 @@ def matches_nothing(agree: np.ndarray, min_fraction: float = 1 / 3, min_count: i
     particles with a random-phase reference.
     """
     agree = np.asarray(agree, bool)
-    return bool(agree.size and agree.sum() < max(min_count, min_fraction * agree.size))
+    if agree.size < 2 * min_count:  # too few particles to tell (a tomogram of a handful)
+        return False
+    return bool(agree.sum() < max(min_count, min_fraction * agree.size))
 
 
 def mirror_z(refs_ft):
