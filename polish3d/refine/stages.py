@@ -155,7 +155,7 @@ def coarse_shift_search(problem: TomogramProblem, state: RefineState) -> np.ndar
     """
     t0 = time.perf_counter()
     cfg, n, f = problem.config, problem.particles.n_particles, problem.ts.n_tilts
-    sub = np.unique(np.linspace(0, n - 1, min(n, cfg.coarse_particles)).astype(int))
+    sub = _spread(n, cfg.coarse_particles)
     _, total = ccmaps.compute_cc_windows(
         problem.stack, predict(problem, state).subset(sub), problem.coarse_const,
         box=problem.coarse_box_px, half_width=problem.half_width_px, chunk=problem.chunk, want_sum=True,
@@ -480,7 +480,8 @@ def validate(problem: TomogramProblem, start: RefineState, state: RefineState, f
         report=problem.report,
     )
     t0 = time.perf_counter()
-    agree = _tilt_half_agreement(problem, state)
+    geom = predict(problem, state)  # the validated geometry (rolled-back tilts included)
+    agree = _tilt_half_agreement(problem, state, geom)
     record["half_agreement"] = {"particles": int(agree.size), "agreeing": int(agree.sum()),
                                 "seconds": time.perf_counter() - t0}
     if validate_mod.matches_nothing(agree) and record["verdict"] != "reference_mismatch":
@@ -490,7 +491,7 @@ def validate(problem: TomogramProblem, start: RefineState, state: RefineState, f
                               f"(only {int(agree.sum())} of {agree.size} particles are found at the "
                               "same place in the even and in the odd tilts)"]
     if record["verdict"] != "reference_mismatch":
-        checks = _reference_checks(problem, state)
+        checks = _reference_checks(problem, geom)
         record["reference_checks"] = checks
         for message in validate_mod.reference_messages(checks):
             record["messages"] = [*record["messages"], message]
@@ -501,17 +502,21 @@ def validate(problem: TomogramProblem, start: RefineState, state: RefineState, f
         state.plugin_params = dict(start.plugin_params)
 
 
-def _reference_checks(problem: TomogramProblem, state: RefineState, n_max: int = 128) -> dict:
-    """How the reference fits at the refined geometry, over up to ``n_max`` particles (summed exact
-    CC over each particle's visible tilts; t-statistics over particles):
+def _spread(n: int, count: int) -> np.ndarray:
+    """Indices of up to ``count`` of ``n`` particles, evenly spread over the list."""
+    return np.unique(np.linspace(0, n - 1, min(n, count)).astype(int))
+
+
+def _reference_checks(problem: TomogramProblem, geom: PairGeometry, n_max: int = 128) -> dict:
+    """How the reference fits at the refined geometry ``geom``, over up to ``n_max`` particles
+    (summed exact CC over each particle's visible tilts; t-statistics over particles):
 
     ``mirror_z``: the mirror image's CC minus the reference's (positive: the mirror fits better,
     although the geometry was fitted to the reference); ``high_band_z`` / ``low_band_z``: the CC
     from frequencies above / below half the weights' support (``cut_ang``, Å).
     """
-    cfg, n = problem.config, problem.particles.n_particles
-    geom = predict(problem, state)
-    sub = np.unique(np.linspace(0, n - 1, min(n, n_max)).astype(int))
+    cfg = problem.config
+    sub = _spread(problem.particles.n_particles, n_max)
     sub = sub[geom.visible[sub].sum(axis=1) >= 3]
     if sub.size < 3:
         return {"particles": int(sub.size)}
@@ -534,14 +539,14 @@ def _reference_checks(problem: TomogramProblem, state: RefineState, n_max: int =
             "low_band_z": t(low_cc), "cut_ang": float(cfg.box * problem.ts.pixel_size_ang / (0.5 * k_max))}
 
 
-def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, n_max: int = 48) -> np.ndarray:
+def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, geom: PairGeometry,
+                         n_max: int = 48) -> np.ndarray:
     """``(m,)`` whether each of up to ``n_max`` particles (evenly spread) is found at the same 3D
     place by independent searches in the even and in the odd tilts, at the refined tilt geometry
-    (:func:`polish3d.refine.validate.half_positions`; search radius ``r``, at least 10 px so that
-    chance agreement stays near 1 %, at most ``s/2 − 2``)."""
-    cfg, n = problem.config, problem.particles.n_particles
-    geom = predict(problem, state)
-    sub = np.unique(np.linspace(0, n - 1, min(n, n_max)).astype(int))
+    (``state``, predicted as ``geom``; :func:`polish3d.refine.validate.half_positions`; search
+    radius ``r``, at least 10 px so that chance agreement stays near 1 %, at most ``s/2 − 2``)."""
+    cfg = problem.config
+    sub = _spread(problem.particles.n_particles, n_max)
     sub = sub[geom.visible[sub].sum(axis=1) >= 6]  # both halves need tilts
     if sub.size == 0:
         return np.zeros(0, bool)
