@@ -125,13 +125,7 @@ def test_jacobian_matches_finite_differences():
     rng = np.random.default_rng(0)
     p = rng.normal(0, 0.01, prob.n_params)
     p[-3 * prob.n_beads :] = rng.normal(0, 200, 3 * prob.n_beads)
-    jac = prob.jacobian(p).toarray()
-    num = np.zeros_like(jac)
-    for k in range(prob.n_params):
-        d = np.zeros_like(p)
-        d[k] = 1e-6
-        num[:, k] = (prob.residuals(p + d) - prob.residuals(p - d)) / 2e-6
-    assert np.allclose(jac, num, atol=1e-5)
+    _assert_jacobian_matches_differences(prob, p)
 
 
 def test_param_maps():
@@ -493,13 +487,7 @@ def test_jacobian_with_stretch_and_skew_matches_finite_differences():
     rng = np.random.default_rng(1)
     p = rng.normal(0, 0.03, prob.n_params)
     p[-3 * prob.n_beads:] = rng.normal(0, 200, 3 * prob.n_beads)
-    jac = prob.jacobian(p).toarray()
-    num = np.zeros_like(jac)
-    for k in range(prob.n_params):
-        d = np.zeros_like(p)
-        d[k] = 1e-6
-        num[:, k] = (prob.residuals(p + d) - prob.residuals(p - d)) / 2e-6
-    assert np.allclose(jac, num, atol=1e-5)
+    _assert_jacobian_matches_differences(prob, p)
     assert prob.k[3] == 7 and prob.k[4] == 4
 
 
@@ -653,3 +641,14 @@ def test_cli_refuses_to_overwrite_inputs(tmp_path, clean, monkeypatch):
                                    "--o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert digest() == before
+
+
+def _assert_jacobian_matches_differences(prob, p):
+    """The analytic Jacobian of the bundle residuals at ``p`` equals central differences."""
+    jac = prob.jacobian(p).toarray()
+    num = np.zeros_like(jac)
+    for k in range(prob.n_params):
+        d = np.zeros_like(p)
+        d[k] = 1e-6
+        num[:, k] = (prob.residuals(p + d) - prob.residuals(p - d)) / 2e-6
+    assert np.allclose(jac, num, atol=1e-5)
