@@ -23,6 +23,9 @@ from polish3d.refine.objective import pair_values, total_cost
 
 __all__ = ["StageOptions", "minimise", "pair_values_at", "value_and_grad"]
 
+#: L-BFGS history (corrections kept), RELION's liblbfgs default
+LBFGS_HISTORY = 6
+
 
 @dataclasses.dataclass(frozen=True)
 class StageOptions:
@@ -168,7 +171,7 @@ def minimise(
         jac=True,
         method="L-BFGS-B",
         callback=cb,
-        options={"maxiter": int(max_iter), "maxcor": 6, "ftol": float(ftol), "gtol": 1e-6},
+        options={"maxiter": int(max_iter), "maxcor": LBFGS_HISTORY, "ftol": float(ftol), "gtol": 1e-6},
     )
     out = dataclasses.replace(params, **_unflatten(jnp.asarray(res.x, dtype), spec))
     info = MinimiseInfo(
