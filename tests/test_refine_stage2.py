@@ -62,7 +62,7 @@ def _problem(seed=0, n=40, f=21, ang_err=0.5, shift_err=3.0, pos_err=2.0, r=10):
     )
 
 
-def _solve(pr, options=optimise.StageOptions(), free=("tilt_angles", "tilt_shifts", "positions")):
+def _solve(pr, options=optimise.StageOptions(), free=("tilt_angles", "tilt_shifts", "positions"), **kw):
     n, f = pr["x_nom"].shape[0], pr["p_nom"].shape[0]
     data = stage2.build_data(
         pr["p_nom"],
@@ -76,7 +76,7 @@ def _solve(pr, options=optimise.StageOptions(), free=("tilt_angles", "tilt_shift
         n_pad=stage2.pad_to_bucket(n),
     )
     params = stage2.initial_params(f, data["positions"].shape[0])
-    params, info = optimise.minimise(params, data, options, free_keys=free, max_iter=500)
+    params, info = optimise.minimise(params, data, options, free_keys=free, max_iter=500, **kw)
     delta, dpos = stage2.results_from_params(params, data, options, n)
     p_new = delta @ pr["p_nom"]
     x_new = pr["x_nom"] + dpos
@@ -92,6 +92,21 @@ def test_recovers_analytic_peaks():
     assert err0 > 2.0
     assert err < 0.02, (err0, err, info)
     assert info.cost_final < info.cost_initial
+
+
+def test_stops_when_the_predictions_stop_moving():
+    """``move_tol_px``: L-BFGS stops (converged) once the predicted positions moved less than the
+    tolerance over ``move_every`` iterations; the answer is that close to the full run's."""
+    pr = _problem(seed=1)
+    u_full, info_full, _, _ = _solve(pr)
+    u_stop, info_stop, _, _ = _solve(pr, move_tol_px=0.01, move_every=5)
+    assert info_stop.converged and "moved" in info_stop.message, info_stop
+    assert info_stop.iterations < info_full.iterations, (info_stop, info_full)
+    assert info_stop.iterations % 5 == 0
+    assert np.sqrt(np.mean(np.sum((u_stop - u_full) ** 2, -1))) < 0.02
+    u_off, info_off, _, _ = _solve(pr, move_tol_px=0.0, move_every=5)  # off: the full run
+    assert info_off.iterations == info_full.iterations
+    np.testing.assert_array_equal(u_off, u_full)
 
 
 def test_perfect_input_stays_perfect():

@@ -35,6 +35,7 @@ from polish3d.refine.likelihood import taylor_values
 __all__ = [
     "apply_tilt_params",
     "catmull_rom_2d",
+    "pair_positions",
     "pair_values",
     "remove_rotation_gauge",
     "small_rotation",
@@ -160,7 +161,9 @@ def pair_values(params, data: dict, options) -> jax.Array:
     return _cost_and_values(params, data, options)[1]
 
 
-def _cost_and_values(params, data: dict, options):
+def pair_positions(params, data: dict, options) -> tuple[jax.Array, jax.Array]:
+    """Predicted 2D positions ``(N, F, 2)`` (px) of every particle–tilt pair at ``params``, and
+    the priors of the motion and deformation models (the forward model of the objective)."""
     pos = params.positions
     if options.fix_gauge_positions:
         pos = pos - jnp.sum(pos * data["particle_mask"][:, None], 0) / jnp.maximum(
@@ -177,5 +180,10 @@ def _cost_and_values(params, data: dict, options):
     if options.deformation is not None:
         u, prior = options.deformation.apply_and_prior(params.deformation, u, data)
         cost = cost + prior
+    return u, cost
+
+
+def _cost_and_values(params, data: dict, options):
+    u, prior = pair_positions(params, data, options)
     d, vals = data_term(u, data, options.range_reg)
-    return cost + d, vals
+    return prior + d, vals

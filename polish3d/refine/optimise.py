@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable
 
@@ -19,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from polish3d.refine.objective import pair_values, total_cost
+from polish3d.refine.objective import pair_positions, pair_values, total_cost
 
 __all__ = ["StageOptions", "minimise", "pair_values_at", "value_and_grad"]
+
+log = logging.getLogger(__name__)
 
 #: L-BFGS history (corrections kept), RELION's liblbfgs default
 LBFGS_HISTORY = 6
@@ -60,6 +63,12 @@ def value_and_grad(free: dict, fixed, data: dict, options: StageOptions):
 @functools.partial(jax.jit, static_argnames=("options",))
 def _pair_values(params, data: dict, options: StageOptions):
     return pair_values(params, data, options)
+
+
+@functools.partial(jax.jit, static_argnames=("options", "spec"))
+def _flat_positions(x, fixed, data: dict, options: StageOptions, spec):
+    """Predicted 2D positions ``(N_pad, F, 2)`` at the flat free-parameter vector ``x``."""
+    return pair_positions(dataclasses.replace(fixed, **_unflatten(x, spec)), data, options)[0]
 
 
 def _unflatten(x, spec):
@@ -115,6 +124,8 @@ def minimise(
     max_iter: int = 10000,
     ftol: float = 1e-10,
     callback: Callable[[int, float], None] | None = None,
+    move_tol_px: float = 0.0,
+    move_every: int = 50,
 ) -> tuple[dict, MinimiseInfo]:
     """Minimise the stage-2 cost over the blocks ``free_keys`` of ``params``.
 
@@ -127,6 +138,11 @@ def minimise(
         max_iter: maximum L-BFGS iterations (``--it``).
         ftol: stop when the relative cost decrease of an iteration is below this.
         callback: called as ``callback(iteration, cost)`` after each iteration.
+        move_tol_px: ``> 0``: also stop (converged) when, over the last ``move_every``
+            iterations, the predicted 2D positions of the weighted pairs moved less than this
+            RMS (px). The cost can keep creeping down for thousands of iterations along
+            near-degenerate directions (e.g. deformation fields the rigid parameters nearly
+            reproduce) while the geometry, what the refinement delivers, no longer changes.
 
     Returns:
         the optimised parameters and a :class:`MinimiseInfo`.
@@ -159,11 +175,27 @@ def minimise(
     c0, _ = fun(x0)
     last = {"cost": c0}
 
+    weighted = np.asarray(data["weight"]) > 0
+    moves = {"u": None, "halted": False}
+
+    def predictions(x):
+        return np.asarray(_flat_positions(jnp.asarray(x, dtype), fixed, data, options, spec))[weighted]
+
     def cb(intermediate_result):
         counter["it"] += 1
         last["cost"] = float(intermediate_result.fun) + offset
         if callback is not None:
             callback(counter["it"], last["cost"])
+        if move_tol_px > 0 and counter["it"] % move_every == 0 and weighted.any():
+            u = predictions(intermediate_result.x)
+            if moves["u"] is not None:
+                move = float(np.sqrt(np.mean(np.sum((u - moves["u"]) ** 2, -1))))
+                log.debug("L-BFGS iteration %d: predictions moved %.4f px RMS in the last %d",
+                          counter["it"], move, move_every)
+                if move < move_tol_px:
+                    moves["halted"] = True
+                    raise StopIteration
+            moves["u"] = u
 
     res = scipy.optimize.minimize(
         fun,
@@ -179,8 +211,9 @@ def minimise(
         cost_final=float(res.fun) + offset,
         iterations=int(res.nit),
         evaluations=counter["n"],
-        converged=bool(res.success),
-        message=str(res.message),
+        converged=bool(res.success) or moves["halted"],
+        message=f"predictions moved < {move_tol_px:g} px RMS in {move_every} iterations"
+        if moves["halted"] else str(res.message),
         seconds=time.perf_counter() - t0,
     )
     return out, info

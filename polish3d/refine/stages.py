@@ -295,7 +295,7 @@ def _window_lbfgs(problem, state, outer: int, params, data, recomputed: int, t_c
         params, info = optimise.minimise(
             params, data, problem.options, free_keys=problem.free, callback=cb,
             max_iter=cfg.it if blur == 0 else min(cfg.it, 60),
-            ftol=1e-10 if blur == 0 else 1e-7,
+            ftol=1e-10 if blur == 0 else 1e-7, move_tol_px=cfg.move_tol_px,
         )
         step = _pass_record(outer, recomputed, blur, t_cc, info)
         t_cc = 0.0
@@ -452,7 +452,7 @@ def exact_passes(problem: TomogramProblem, state: RefineState) -> tuple | None:
 
         params, info = optimise.minimise(
             params, data, problem.options, free_keys=free_exact, callback=cb_exact,
-            max_iter=cfg.it, ftol=cfg.exact_ftol,
+            max_iter=cfg.it, ftol=cfg.exact_ftol, move_tol_px=cfg.move_tol_px,
         )
         moved = _adopt(problem, state, params, data, geom.u_px, geom.visible)
         step = _pass_record(index, int(geom.visible.sum()), 0.0, t_cc, info, exact=True, **moved)
