@@ -115,8 +115,7 @@ def test_stage2_update_keeps_the_distortion():
     for aniso in (None, "tilt"):
         data = stage2.build_data(p, x, u0, np.zeros((n, f, 9, 9)), np.ones((n, f)), aniso=aniso, **kw)
         params = stage2.initial_params(f, n, aniso=aniso)
-        delta, _ = stage2.results_from_params(params, data, options, n, projections=p,
-                                              image_size_px=FRAME["image_size_px"])
+        delta, _ = stage2.results_from_params(params, data, options, n, projections=p)
         # (the rigid update is computed in float32, as without distortion: ~1e-5 px in the shifts)
         np.testing.assert_allclose((delta @ p)[:, :, :3], p[:, :, :3], atol=1e-7)
         np.testing.assert_allclose((delta @ p)[:, :, 3], p[:, :, 3], atol=1e-4)
@@ -126,8 +125,7 @@ def test_stage2_update_keeps_the_distortion():
     basis = np.asarray(data["aniso_gauge"], np.float64)
     flat = step.ravel() - basis.T @ (basis @ step.ravel())
     params = dataclasses.replace(params, aniso=jnp.asarray(step))
-    delta, _ = stage2.results_from_params(params, data, options, n, projections=p,
-                                          image_size_px=FRAME["image_size_px"])
+    delta, _ = stage2.results_from_params(params, data, options, n, projections=p)
     expected = np.asarray(flat, np.float64).reshape(f, 2) * float(data["aniso_unit"])
     size = FRAME["image_size_px"]
     got = geo.split_distortion(delta @ p, size)[0] - geo.split_distortion(p, size)[0]

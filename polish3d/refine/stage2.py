@@ -254,13 +254,13 @@ def _orthonormal_delta(p_new32: np.ndarray, p_old: np.ndarray) -> np.ndarray:
 
 
 def results_from_params(params: Stage2Params, data: dict, options, n_particles: int, *,
-                        projections: np.ndarray | None = None, image_size_px=None):
+                        projections: np.ndarray | None = None):
     """``(ΔP (F, 4, 4), position changes (N, 3))`` (float64) from the parameters.
 
     The update is applied to the float64 input geometry: ``P_new = ΔP · P`` with ``ΔP`` computed
     in float32 from the parameters, so rounding does not accumulate over outer iterations. With
     image distortions (``data["distortion"]``) the float64 ``projections`` the data were built
-    from and ``image_size_px`` are needed: the rigid update is re-orthonormalised on the rigid
+    from are needed: the rigid update is re-orthonormalised on the rigid
     part alone and the distortion update added to the float64 distortion, so neither spoils
     the other; ``ΔP = P_new · P⁻¹`` then.
     """
@@ -271,8 +271,10 @@ def results_from_params(params: Stage2Params, data: dict, options, n_particles: 
     if "distortion" not in data:
         p_new32 = np.asarray(_tilt_transforms(params, data, options.fix_gauge_angles), np.float64)
         return _orthonormal_delta(p_new32, p_old), pos
-    if projections is None or image_size_px is None:
-        raise ValueError("distorted projections: results_from_params needs projections and image_size_px")
+    if projections is None:
+        raise ValueError("distorted projections: results_from_params needs the float64 projections")
+    # any size whose halves are the image centre (⌊W/2⌋, ⌊H/2⌋) (exact in float32) gives that centre
+    image_size_px = tuple(2 * int(v) for v in np.asarray(data["image_centre"]))
     rigid32, update = _rigid_and_update(params, data, options.fix_gauge_angles)
     p_full = np.asarray(projections, np.float64)
     d_old, rigid_old = geometry.split_distortion(p_full, image_size_px)
