@@ -229,7 +229,7 @@ def aniso_gauge_basis(rotations: np.ndarray, mode: str, *, angles_free: bool = T
     null = vt[sv < tol][:, 6:]  # the distortion part of each (near-)gauge direction
     if null.size == 0:
         return np.zeros((0, 2 * m))
-    u, s_null, vt_null = np.linalg.svd(null, full_matrices=False)
+    _, s_null, vt_null = np.linalg.svd(null, full_matrices=False)
     return vt_null[s_null > 1e-6]
 
 
