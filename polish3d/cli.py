@@ -95,8 +95,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "--const_a": (bool, "Keep the per-tilt angles constant."),
     "--const_s": (bool, "Keep the per-tilt shifts constant."),
     "--range_reg": (float, "Penalty weight for 2D displacements beyond --r."),
-    "--aniso": (bool, "(RELION: no effect) rejected."),
-    "--per_tilt_aniso": (bool, "(RELION: no effect) rejected."),
+    "--aniso": (bool, "Refine one 2x2 image distortion (anisotropic magnification, skew) per tilt series."),
+    "--per_tilt_aniso": (bool, "Refine one 2x2 image distortion (anisotropic magnification, skew) per tilt."),
     "--it": (int, "Max. L-BFGS iterations."),
     "--motion": (bool, "Estimate per-particle 3D motion (GP prior)."),
     "--s_vel": (float, "Velocity sigma, Å per e⁻/Å² of dose."),
@@ -167,8 +167,8 @@ def align_cmd(
     const_a: Flag.const_a = default("tomogram.const_a"),
     const_s: Flag.const_s = default("tomogram.const_s"),
     range_reg: Flag.range_reg = default("tomogram.range_reg"),
-    aniso: Flag.aniso = False,
-    per_tilt_aniso: Flag.per_tilt_aniso = False,
+    aniso: Flag.aniso = default("tomogram.aniso"),
+    per_tilt_aniso: Flag.per_tilt_aniso = default("tomogram.per_tilt_aniso"),
     it: Flag.it = default("tomogram.it"),
     motion: Flag.motion = default("motion") is not None,
     s_vel: Flag.s_vel = default("motion.s_vel"),
@@ -218,7 +218,8 @@ OPTION_OF_FLAG = {
     "--hp": "tomogram.hp", "--cutoff_fract": "tomogram.cutoff_fract", "--min_frame": "tomogram.min_frame",
     "--max_frame": "tomogram.max_frame", "--shift_only": "tomogram.shift_only",
     "--shift_only_by_particles": "tomogram.shift_only_by_particles", "--outer": "tomogram.outer",
-    "--exact_passes": "tomogram.exact_passes",
+    "--exact_passes": "tomogram.exact_passes", "--aniso": "tomogram.aniso",
+    "--per_tilt_aniso": "tomogram.per_tilt_aniso",
     "--s_vel": "motion.s_vel", "--s_div": "motion.s_div", "--abs_params": "motion.abs_params",
     "--sq_exp_ker": "motion.sq_exp_ker", "--max_ed": "motion.max_ed",
     "--def_model": "deformation.model", "--def_reg": "deformation.reg",
@@ -284,11 +285,6 @@ def _align(flags: dict, job: dict[str, str], pipeline: bool):
         raise InputError("no input: give --i optimisation_set.star (or --p, --t, --ref1, --ref2)")
     if flags["b"] <= 0:
         raise InputError(f"--b {flags['b']}: the box size in pixels is required and must be positive")
-    if flags["aniso"] or flags["per_tilt_aniso"]:
-        raise InputError(
-            "--aniso/--per_tilt_aniso have no effect in RELION 5 and are not implemented in "
-            "polish3d; drop the flag (per-tilt magnification is refined by `polish3d fiducials`)"
-        )
     _warn_ignored(flags)
     try:
         config = refine_config(flags)

@@ -163,7 +163,15 @@ class RefineConfig:
         if t.shift_only and self.motion is not None:
             raise OptionError("{0} cannot be combined with {1} (as in RELION)", "tomogram.shift_only",
                               "motion")
+        if t.aniso and t.per_tilt_aniso:
+            raise OptionError("{0} and {1}: give one (one image distortion per tilt series, or one per "
+                              "tilt)", "tomogram.aniso", "tomogram.per_tilt_aniso")
+        if (t.aniso or t.per_tilt_aniso) and t.shift_only:
+            raise OptionError("{0} refines only per-tilt shifts; it cannot be combined with {1}",
+                              "tomogram.shift_only", "tomogram.per_tilt_aniso" if t.per_tilt_aniso
+                              else "tomogram.aniso")
         fixed = (t.const_a or t.shift_only) and (t.const_p or t.shift_only) and t.const_s
+        fixed = fixed and not (t.aniso or t.per_tilt_aniso)
         if fixed and self.motion is None and self.deformation is None:
             raise OptionError(
                 "{0}/{1}, {2} and {3} together leave nothing to refine; drop one of them (or add {4}/{5})",

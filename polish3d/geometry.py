@@ -9,11 +9,14 @@ Frames (all 0-based, pixel centres on integers; see ``docs/conventions.md``):
 * **particle (reference) frame** — voxel offsets from the reference box centre ``s // 2``.
 
 A *projection matrix* ``P`` (4×4, acting on column vectors ``[x, y, z, 1]``) maps the tomogram
-frame to the tilt-image frame. RELION 5 stores it as Euler angles and shifts; this module builds
-``P`` from those columns exactly as RELION 5 does (``tomogram.cpp``), including RELION's
-*integer-halved* centres, and inverts it exactly (so a matrix written by polish3d is read back
-by RELION bit-for-bit, with no drift for odd sizes; RELION's own inverse uses float centres and
-drifts by up to 0.5 px per write, its issue #1280).
+frame to the tilt-image frame. RELION 5 stores a rigid ``P`` as Euler angles and shifts; this
+module builds ``P`` from those columns exactly as RELION 5 does (``tomogram.cpp``), including
+RELION's *integer-halved* centres, and inverts it exactly (so a matrix written by polish3d is
+read back by RELION bit-for-bit, with no drift for odd sizes; RELION's own inverse uses float
+centres and drifts by up to 0.5 px per write, its issue #1280). The first two rows of ``P`` may
+carry a 2×2 image distortion ``D`` (anisotropic magnification, skew) about the image centre
+``c = (⌊W/2⌋, ⌊H/2⌋)``: ``u' = c + D·(u − c)`` (:func:`compose_distortion`,
+:func:`split_distortion`); RELION reads such a matrix from ``rlnTomoProjX..W``.
 
 Particle positions use RELION's *float* tomogram centre ``c = (w0/2, h0/2, d0/2)``:
 ``X = centred_Å / px + c − A_sub · origin_Å / px``.
@@ -24,7 +27,10 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "compose_distortion",
+    "distortion_matrix",
     "dose_order",
+    "image_centre_px",
     "euler_zyz_matrix",
     "matrix_to_euler_zyz",
     "particle_positions_px",
@@ -37,6 +43,7 @@ __all__ = [
     "rot_x",
     "rot_y",
     "rot_z",
+    "split_distortion",
     "tomogram_centre_px",
 ]
 
@@ -169,13 +176,16 @@ def projection_to_euler(
     Angles follow RELION's decomposition ``A = Rz·Ry·Rx`` (``YTilt = asin(−A20)``,
     ``XTilt = atan2(A21, A22)``, ``ZRot = atan2(A10, A00)``); the shifts are chosen so that
     RELION's reader rebuilds exactly these matrices (integer-halved centres on both sides).
+    A matrix with an image distortion (:func:`split_distortion`) gives the angles of its
+    rotation and the shifts of the projected tomogram centre ``P · ⌊tomo/2⌋`` (where it lands
+    in the distorted image): the rigid geometry closest to it (exact only with ``rlnTomoProjX..W``).
 
     Returns:
         dict with ``rlnTomoXTilt``, ``rlnTomoYTilt``, ``rlnTomoZRot`` (degrees) and
         ``rlnTomoXShiftAngst``, ``rlnTomoYShiftAngst`` (Å), each shape ``(F,)``.
     """
     p = np.asarray(projections, dtype=np.float64)
-    a = p[..., :3, :3]
+    a = split_distortion(p, image_size_px)[1][..., :3, :3]  # the rotation of a distorted matrix
     w, h = (int(v) for v in image_size_px)
     w0, h0, d0 = (int(v) for v in tomo_size_px)
     s20 = np.clip(-a[..., 2, 0], -1.0, 1.0)
@@ -186,9 +196,9 @@ def projection_to_euler(
     # A20 = +1 (YTilt = −90°): ZRot = +atan2(−A12, A11); A20 = −1 (YTilt = +90°): the negative
     z_lock = np.where(s20 > 0, -1.0, 1.0) * np.arctan2(-a[..., 1, 2], a[..., 1, 1])
     z_rot = np.where(regular, z_reg, z_lock)
-    # P = T(t) · R · T(−c_int)  ⇒  t = P[:3,3] + R · c_int
+    # P = T(t) · R · T(−c_int)  ⇒  t = P[:3,3] + R · c_int (the projected integer centre)
     c_int = np.array([w0 // 2, h0 // 2, d0 // 2], dtype=np.float64)
-    t = p[..., :3, 3] + a @ c_int
+    t = p[..., :3, 3] + p[..., :3, :3] @ c_int
     return {
         "rlnTomoXTilt": np.rad2deg(x_tilt),
         "rlnTomoYTilt": np.rad2deg(y_tilt),
@@ -196,6 +206,73 @@ def projection_to_euler(
         "rlnTomoXShiftAngst": (t[..., 0] - (w // 2)) * pixel_size_ang,
         "rlnTomoYShiftAngst": (t[..., 1] - (h // 2)) * pixel_size_ang,
     }
+
+
+def image_centre_px(image_size_px) -> np.ndarray:
+    """RELION's integer-halved image centre ``(⌊W/2⌋, ⌊H/2⌋)`` (pixels): where the tomogram centre
+    projects with zero shifts, and the centre of the image distortion."""
+    return np.array([int(v) // 2 for v in image_size_px], dtype=np.float64)
+
+
+def distortion_matrix(aniso, skew) -> np.ndarray:
+    """The symmetric, trace-2 image distortion ``D = I + [[a, s], [s, −a]]``, shape ``(..., 2, 2)``.
+
+    ``a`` (``aniso``) stretches the image x axis by ``1 + a`` and y by ``1 − a``; ``s`` (``skew``)
+    is the same stretch along the diagonals (axis at 45°). Exact (not a small-angle form): the
+    eigenvalues are ``1 ± sqrt(a² + s²)`` along the axis at ``atan2(s, a)/2``.
+    """
+    a = np.asarray(aniso, np.float64)
+    s = np.asarray(skew, np.float64)
+    return np.stack([np.stack([1.0 + a, s], -1), np.stack([s, 1.0 - a], -1)], -2)
+
+
+def compose_distortion(projections, distortion, image_size_px) -> np.ndarray:
+    """``P`` whose image positions are those of ``projections`` distorted about the image centre.
+
+    ``u' = c + D·(u − c)`` with ``c`` = :func:`image_centre_px`: the first two rows become
+    ``D · P[:2]`` with the translation ``D · (P[:2, 3] − c) + c``; the depth row is untouched.
+
+    Args:
+        projections: ``(F, 4, 4)`` (pixels).
+        distortion: ``(F, 2, 2)`` (or ``(2, 2)``) matrices ``D``.
+        image_size_px: ``(W, H)``.
+    """
+    p = np.array(projections, dtype=np.float64)
+    d = np.broadcast_to(np.asarray(distortion, np.float64), p.shape[:-2] + (2, 2))
+    c = image_centre_px(image_size_px)
+    rows = d @ p[..., :2, :]
+    rows[..., 3] += c - d @ c
+    p[..., :2, :] = rows
+    return p
+
+
+def split_distortion(projections, image_size_px, *, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """``(D (F, 2, 2), rigid (F, 4, 4))`` with ``projections = compose_distortion(rigid, D)``.
+
+    The polar decomposition of the image rows ``M = P[:2, :3] = D · R₂``: ``D = sqrt(M·Mᵀ)``
+    (symmetric positive definite) and ``R₂ = D⁻¹ · M`` (orthonormal rows); the depth row is kept
+    as it is. Where the rows are orthonormal within ``tol`` (``max |M·Mᵀ − I|``), ``D`` is
+    exactly the identity and the matrix is returned unchanged (bit for bit).
+    """
+    p = np.array(projections, dtype=np.float64)
+    m = p[..., :2, :3]
+    mmt = m @ np.swapaxes(m, -1, -2)
+    eye = np.eye(2)
+    distorted = np.abs(mmt - eye).reshape(mmt.shape[:-2] + (4,)).max(-1) > tol
+    d = np.broadcast_to(eye, mmt.shape).copy()
+    if np.any(distorted):
+        g = mmt[distorted]
+        # square root of a 2×2 SPD matrix: (G + sqrt(det G)·I) / sqrt(tr G + 2·sqrt(det G))
+        root_det = np.sqrt(np.linalg.det(g))
+        norm = np.sqrt(np.trace(g, axis1=-2, axis2=-1) + 2.0 * root_det)
+        d[distorted] = (g + root_det[:, None, None] * eye) / norm[:, None, None]
+        c = image_centre_px(image_size_px)
+        inv = np.linalg.inv(d[distorted])
+        sub = p[distorted]
+        sub[:, :2, :3] = inv @ sub[:, :2, :3]
+        sub[:, :2, 3] = np.einsum("fij,fj->fi", inv, sub[:, :2, 3] - c) + c
+        p[distorted] = sub
+    return d, p
 
 
 def particle_rotations(angles_deg, subtomo_angles_deg=None) -> np.ndarray:

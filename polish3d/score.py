@@ -3,10 +3,10 @@
 **Measure.** For every listed particle ``p`` (matched by ``rlnTomoParticleName``) and every tilt
 ``j`` (matched by row of the per-tilt tables) we compare where the two sets *project* the
 particle: ``u_pj = u + def_j(u)``, ``u = xy(P_j · [X_p + m_pj; 1])`` with the set's own
-projection ``P_j`` (tilt-series STAR), static position ``X_p`` (particles.star), motion ``m_pj``
-(motion.star, if any) and 2D deformation ``def_j`` (if any). The distance ``|u_ref − u_true|``
-(pixels) is summarised as RMS, median, 95th percentile and maximum, overall, per tomogram and
-per tilt.
+projection ``P_j`` (tilt-series STAR; with its image distortion, if any), static position
+``X_p`` (particles.star), motion ``m_pj`` (motion.star, if any) and 2D deformation ``def_j`` (if
+any). The distance ``|u_ref − u_true|`` (pixels) is summarised as RMS, median, 95th percentile
+and maximum, overall, per tomogram and per tilt.
 
 **Gauge.** The data only constrain 2D projections: moving all particles by one 3D rigid motion
 ``G`` and replacing every ``P_j`` by ``P_j·G⁻¹`` leaves every ``u_pj`` unchanged. The projected
@@ -14,7 +14,8 @@ distances above are therefore already gauge-invariant and need no alignment. Til
 however, depend on the gauge, so for the angle errors the refined frame is first aligned to
 the true frame by the least-squares rigid transform ``X_true ≈ R·X_ref + t`` of the particle
 positions (Kabsch); the refined projections become ``P_j·T⁻¹`` and the camera-frame rotation
-error ``angle(A'_j · A_jᵀ)`` (degrees) is reported, with the residual 3D position error.
+error ``angle(A'_j · A_jᵀ)`` (degrees) is reported, with the residual 3D position error
+(``A`` the rotation of a distorted matrix, :func:`polish3d.geometry.split_distortion`).
 """
 
 from __future__ import annotations
@@ -249,7 +250,10 @@ def _score_tomogram(ts_r, sub_r, ts_t, sub_t) -> tuple[dict, dict[str, np.ndarra
     tmat[:3, :3] = rot
     tmat[:3, 3] = tr
     p_aligned = ts_r.projections @ np.linalg.inv(tmat)
-    dr = p_aligned[:, :3, :3] @ np.transpose(ts_t.projections[:, :3, :3], (0, 2, 1))
+    # the rotations of distorted projections (anisotropic magnification, skew) without the distortion
+    rot_r = geo.split_distortion(p_aligned, ts_r.image_size_px)[1][:, :3, :3]
+    rot_t = geo.split_distortion(ts_t.projections, ts_t.image_size_px)[1][:, :3, :3]
+    dr = rot_r @ np.transpose(rot_t, (0, 2, 1))
     ang = _rotation_angle_deg(dr)
     pos_err = np.linalg.norm(sub_r.positions_px @ rot.T + tr - sub_t.positions_px, axis=-1)
     summary = {

@@ -108,7 +108,7 @@ def test_only_do_unfinished_skips(project):
     ("flags", "message"),
     [
         (["--b", "0"], "--b"),
-        (["--b", "32", "--aniso"], "--aniso"),
+        (["--b", "32", "--aniso", "--per_tilt_aniso"], "--per_tilt_aniso"),
         (["--b", "32", "--shift_only", "--motion"], "--shift_only"),
         (["--b", "32", "--r", "20"], "--r"),
     ],

@@ -9,6 +9,12 @@ predictions of the refinement (CC-window centres, visibility, rescue, metrics: f
 ``f`` (its position plus its motion offset, tomogram pixels) and ``P_f`` the tilt's ``4 × 4``
 projection matrix (RELION's ``rlnTomoProj``, pixels).
 
+``P_f`` is affine in general: its first two rows carry the tilt's 2×2 image distortion ``D_f``
+(anisotropic magnification and skew, ``--aniso``/``--per_tilt_aniso``) about the image centre
+``c = (⌊W/2⌋, ⌊H/2⌋)``, ``u = c + D_f · (u_rigid − c)`` (:func:`distort`,
+:func:`polish3d.geometry.compose_distortion`), so every prediction — CC windows, objective,
+validation, metrics, scoring, simulation — sees it.
+
 Pure JAX; every function is traceable (dtype follows the inputs).
 """
 
@@ -18,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["deform", "deform_host", "predict", "predict_host", "project"]
+__all__ = ["deform", "deform_host", "distort", "predict", "predict_host", "project"]
 
 
 def project(projections: jax.Array, points_px: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -34,6 +40,24 @@ def project(projections: jax.Array, points_px: jax.Array) -> tuple[jax.Array, ja
     u = jnp.einsum("fij,nfj->nfi", projections[:, :2, :3], points_px) + projections[None, :, :2, 3]
     depth = jnp.einsum("fj,nfj->nf", projections[:, 2, :3], points_px) + projections[None, :, 2, 3]
     return u, depth
+
+
+def distort(projections: jax.Array, distortion: jax.Array, centre_px: jax.Array) -> jax.Array:
+    """Projection matrices ``(F, 4, 4)`` whose image positions are distorted about ``centre_px``.
+
+    ``u' = c + D_f · (u − c)``: rows 0–1 become ``D_f · P_f[:2]`` with the translation
+    ``D_f · (P_f[:2, 3] − c) + c``; the depth row is unchanged (the traceable twin of
+    :func:`polish3d.geometry.compose_distortion`).
+
+    Args:
+        projections: ``(F, 4, 4)`` (pixels).
+        distortion: ``(F, 2, 2)`` matrices ``D_f``.
+        centre_px: ``(2,)`` the image centre ``c``.
+    """
+    rows = jnp.einsum("fij,fjk->fik", distortion, projections[:, :2, :])
+    shift = centre_px - jnp.einsum("fij,j->fi", distortion, centre_px)
+    rows = rows.at[:, :, 3].add(shift)
+    return jnp.concatenate([rows, projections[:, 2:, :]], axis=1)
 
 
 def deform(u_px: jax.Array, deformation, coefficients: jax.Array) -> jax.Array:

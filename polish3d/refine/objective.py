@@ -13,12 +13,20 @@ Parameters (:class:`polish3d.refine.stage2.Stage2Params`, a pytree, all float32)
 * ``positions`` ``(N, 3)``: 3D position changes of the particles (tomogram pixels).
 * ``motion`` (optional): GP coefficients, see :mod:`polish3d.refine.motion`.
 * ``deformation`` (optional): deformation coefficients, see :mod:`polish3d.refine.deformation`.
+* ``aniso`` (optional, ``--aniso``: ``(1, 2)``, ``--per_tilt_aniso``: ``(F, 2)``): changes
+  ``(a, s)`` of the image distortion ``D_f = D0_f + [[a, s], [s, −a]]`` about the image centre
+  (anisotropic magnification and skew; ``D0_f`` the distortion the tilt has, ``data["distortion"]``),
+  in units of ``data["aniso_unit"]`` (one unit moves the image edge by about a pixel). Symmetric
+  and trace-preserving: the in-plane rotation is ``ψ`` already and an isotropic scale is a gauge.
 
 Gauge: the model is invariant under a global rigid motion of all particles compensated by all
 tilts (6 DOF). It is removed by construction: the mean particle position change is subtracted
 (3 translations), and the tilt rotations are projected onto the complement of the 3 directions
 that a global rotation of the tomogram produces (:func:`remove_rotation_gauge`). The objective is
 then flat along those directions in parameter space and the solution unique and reproducible.
+With a refined distortion, a linear stretch or shear of the whole tomogram compensated by all
+tilts' distortions (and angles) is a gauge too: the distortion is projected off those directions,
+``data["aniso_gauge"]`` (:func:`polish3d.refine.stage2.aniso_gauge_basis`).
 
 Cost (minimised), on RELION's scale (so ``--s_vel``/``--s_div`` mean the same):
 ``E = −Σ_{p,f} w_pf · C_pf(Δ_pf) + λ_range Σ max(0, |Δ_pf| − r)² + priors``.
@@ -35,9 +43,12 @@ from polish3d.refine.likelihood import taylor_values
 __all__ = [
     "apply_tilt_params",
     "catmull_rom_2d",
+    "distortion_update",
+    "distortions",
     "pair_positions",
     "pair_values",
     "remove_rotation_gauge",
+    "rigid_transforms",
     "small_rotation",
     "tilt_transforms",
     "total_cost",
@@ -68,10 +79,11 @@ def remove_rotation_gauge(angles: jax.Array, rotations: jax.Array) -> jax.Array:
     return angles - jnp.einsum("fij,j->fi", rotations, v)
 
 
-def tilt_transforms(params, data: dict, *, fix_gauge: bool = True) -> jax.Array:
-    """Refined projection matrices ``(F, 4, 4)`` from the parameters.
+def rigid_transforms(params, data: dict, *, fix_gauge: bool = True) -> jax.Array:
+    """Refined rigid projection matrices ``(F, 4, 4)`` (before any image distortion).
 
-    ``P' = T(s) · T(p_c) · Q · T(−p_c) · P`` with ``p_c = P · c`` the projected tomogram centre.
+    ``P' = T(s) · T(p_c) · Q · T(−p_c) · P`` with ``P = data["projections"]`` (the rigid part
+    when the tilts have a distortion) and ``p_c = P · c`` the projected tomogram centre.
     """
     ang = params.tilt_angles
     p = data["projections"]
@@ -85,6 +97,34 @@ def tilt_transforms(params, data: dict, *, fix_gauge: bool = True) -> jax.Array:
     top = jnp.concatenate([lin, trans[:, :, None]], axis=2)
     bottom = jnp.broadcast_to(jnp.array([0.0, 0.0, 0.0, 1.0], p.dtype), (p.shape[0], 1, 4))
     return jnp.concatenate([top, bottom], axis=1)
+
+
+def distortion_update(params, data: dict) -> jax.Array:
+    """``(F, 2, 2)`` change ``[[a, s], [s, −a]]`` of every tilt's distortion (one ``(a, s)`` per
+    series broadcast to all tilts, or one per tilt), projected off the gauge directions."""
+    a = params.aniso
+    if "aniso_gauge" in data:
+        basis = data["aniso_gauge"]  # (k, 2m) orthonormal rows
+        flat = a.reshape(-1)
+        a = (flat - basis.T @ (basis @ flat)).reshape(a.shape)
+    a = jnp.broadcast_to(a * data["aniso_unit"], (data["distortion"].shape[0], 2))
+    return jnp.stack([jnp.stack([a[:, 0], a[:, 1]], -1), jnp.stack([a[:, 1], -a[:, 0]], -1)], -2)
+
+
+def distortions(params, data: dict) -> jax.Array:
+    """``(F, 2, 2)`` image distortions ``D_f`` at ``params`` (``data["distortion"]`` if fixed)."""
+    if params.aniso is None:
+        return data["distortion"]
+    return data["distortion"] + distortion_update(params, data)
+
+
+def tilt_transforms(params, data: dict, *, fix_gauge: bool = True) -> jax.Array:
+    """Refined projection matrices ``(F, 4, 4)`` from the parameters: :func:`rigid_transforms`,
+    then, when the data carry distortions, ``D_f`` about the image centre (:func:`forward.distort`)."""
+    p = rigid_transforms(params, data, fix_gauge=fix_gauge)
+    if "distortion" not in data:
+        return p
+    return forward.distort(p, distortions(params, data), data["image_centre"])
 
 
 def apply_tilt_params(params, data: dict, points: jax.Array, *, fix_gauge: bool = True):

@@ -324,20 +324,23 @@ def _stage2_problem(problem: TomogramProblem, state: RefineState, u0, store, wei
     n, f, n_pad = problem.particles.n_particles, problem.ts.n_tilts, problem.n_pad
     data = stage2.build_data(
         state.projections, state.positions_px, u0, store, weight, tomo_size_px=problem.ts.tomo_size_px,
-        image_size_px=problem.ts.image_size_px, window_radius_px=problem.config.r, n_pad=n_pad, **extra,
+        image_size_px=problem.ts.image_size_px, window_radius_px=problem.config.r, n_pad=n_pad,
+        aniso=stage2.aniso_mode(problem.config), free=problem.free, **extra,
     )
     if "motion" not in problem.plugins and problem.particles.trajectories_px is not None:
         pad = np.zeros((n_pad - n, f, 3))
         data["offsets"] = jnp.asarray(np.concatenate([offsets(problem, state), pad], 0), jnp.float32)
     for pl in problem.plugins.values():
         data.update(pl.data(state.projections, state.positions_px))
-    return data, stage2.initial_params(f, n_pad, **state.plugin_params)
+    aniso = stage2.aniso_mode(problem.config)  # the image distortion refined, if any
+    return data, stage2.initial_params(f, n_pad, aniso=aniso, **state.plugin_params)
 
 
 def _adopt(problem: TomogramProblem, state: RefineState, params, data, u_before, vis) -> dict:
     """Apply an L-BFGS solution to the state; the move of the predictions from ``u_before``
     over the pairs ``vis`` (RMS and maximum, px)."""
-    delta, dpos = stage2.results_from_params(params, data, problem.options, problem.particles.n_particles)
+    delta, dpos = stage2.results_from_params(params, data, problem.options, problem.particles.n_particles,
+                                             projections=state.projections)
     state.projections = delta @ state.projections
     if "positions" in problem.free:
         state.positions_px = state.positions_px + dpos

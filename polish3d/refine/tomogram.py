@@ -93,6 +93,10 @@ class AlignConfig:
             (:mod:`polish3d.refine.validate`; needs the final stage).
         validate_z: its thresholds in standard errors: no signal below, rolled back at or below
             minus, improved at or above (:class:`polish3d.refine.validate.Thresholds`).
+        aniso: ``--aniso``: refine one 2×2 image distortion per tilt series (anisotropic
+            magnification and skew, ``D = D0 + [[a, s], [s, −a]]`` about the image centre),
+            jointly with the 5 DOF per tilt (:mod:`polish3d.refine.objective`).
+        per_tilt_aniso: ``--per_tilt_aniso``: one such distortion per tilt.
     """
 
     box: int
@@ -130,6 +134,8 @@ class AlignConfig:
     exact_tol_max_px: float = 0.1
     validate: bool = True
     validate_z: tuple[float, float, float] = (3.0, 3.5, 3.0)  # signal, worse, improved
+    aniso: bool = False
+    per_tilt_aniso: bool = False
 
 
 def prepare_references(half1, half2, box: int, mask=None, *, names=("half map 1", "half map 2", "mask")):
@@ -305,7 +311,22 @@ def refine_tomogram(
     final = stages.exact_passes(problem, state)
     if config.validate:
         stages.validate(problem, start, state, final)
-    return stages.summarise(problem, start, state, t_start)
+    result = stages.summarise(problem, start, state, t_start)
+    if stage2.aniso_mode(config) is not None:
+        result.metrics["distortion"] = distortion_metrics(result.projections, ts.image_size_px)
+    return result
+
+
+def distortion_metrics(projections: np.ndarray, image_size_px) -> dict:
+    """Per-tilt image distortion of projection matrices (``metrics["distortion"]``): ``aniso``
+    ``a`` and ``skew`` ``s`` of ``D = m·I + [[a, s], [s, −a]]`` (unitless), the magnification ``m``
+    and the anisotropy ``sqrt(a² + s²)`` in per cent, its largest value over the tilts."""
+    d = geometry.split_distortion(projections, image_size_px)[0]
+    a, s = 0.5 * (d[:, 0, 0] - d[:, 1, 1]), d[:, 0, 1]
+    percent = 100.0 * np.hypot(a, s)
+    magnification = 0.5 * (d[:, 0, 0] + d[:, 1, 1])
+    return {"aniso": a.tolist(), "skew": s.tolist(), "magnification": magnification.tolist(),
+            "aniso_percent": percent.tolist(), "max_aniso_percent": float(percent.max(initial=0.0))}
 
 
 def setup(ts, particles, stack, refs_ft, envelope, config: AlignConfig, motion, deformation, report):
@@ -343,6 +364,8 @@ def setup(ts, particles, stack, refs_ft, envelope, config: AlignConfig, motion, 
         free.append("tilt_shifts")
     if not config.const_p and not config.shift_only:
         free.append("positions")
+    if stage2.aniso_mode(config) is not None and not config.shift_only:
+        free.append("aniso")
     free += [k for k, pl in plugins.items() if pl.free]
     problem = stages.TomogramProblem(
         ts=ts, particles=particles, stack=stack, config=config, const=const, coarse_const=coarse_const,

@@ -19,8 +19,13 @@ SNR of about ``sqrt(π r² · snr) ≈ 6`` per particle and tilt for a ribosome 
 every single-particle CC peak is visible, yet noisy at the highest tilts, so alignment works
 but is not trivial.
 
+With ``aniso_percent``/``series_aniso_percent`` the true projections carry a 2×2 image
+distortion about the image centre (anisotropic magnification along a random axis,
+:func:`polish3d.geometry.compose_distortion`; written in ``rlnTomoProjX..W`` of the truth and in
+``truth.npz`` as ``distortion_true``), which moves the particles and distorts their images.
+
 Nominal ("input") geometry = truth + errors: per-tilt rotation errors (``XTilt``, ``YTilt``,
-``ZRot``) and shifts, 3D position errors; no motion and no deformation. The output folder:
+``ZRot``) and shifts, 3D position errors; no motion, no deformation and no distortion. The output folder:
 
 ```
 <out>/optimisation_set.star, tomograms.star, tilt_series/<tomo>.star + <tomo>.mrcs,

@@ -41,6 +41,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "s_vel": ("s_vel", "Motion velocity sigma (A per e/A^2); 0 = off."),
     "s_div": ("s_div", "Motion correlation length."),
     "deformation": ("deformation_amplitude_px", "2D deformation amplitude (px); 0 = off."),
+    "aniso_percent": ("aniso_percent", "Anisotropic magnification per tilt (%, random axis); 0 = off."),
+    "series_aniso_percent": ("series_aniso_percent", "Anisotropic magnification per series (%); 0 = off."),
     "defocus": ("defocus_ang", "Mean defocus (A)."),
     "reference": ("", "Reference MRC instead of the built-in phantom."),
     "seed": ("seed", "Random seed."),

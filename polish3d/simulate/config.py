@@ -43,6 +43,11 @@ class SimulationConfig:
         deformation_amplitude_px: std. dev. of the node values of a per-tilt 2D spline
             deformation (RELION ``spline`` model, grid ``deformation_grid``); 0 = none.
         deformation_grid: ``(gw, gh)`` of the spline deformation.
+        aniso_percent: per-tilt anisotropic magnification of the images (%): every tilt's
+            distortion ``D = I + [[a, s], [s, −a]]`` about the image centre has
+            ``sqrt(a² + s²) = aniso_percent / 100`` along a random axis (0 = none).
+        series_aniso_percent: the same, one distortion shared by the tilts of a tilt series
+            (added to the per-tilt one).
         defocus_ang: mean defocus (Å, underfocus positive).
         defocus_jitter_ang: per-tilt defocus std. dev. (Å).
         astigmatism_ang: ``defocusU − defocusV`` (Å); the angle is random per tilt series.
@@ -78,6 +83,8 @@ class SimulationConfig:
     s_div: float = 5000.0
     deformation_amplitude_px: float = 0.0
     deformation_grid: tuple[int, int] = (3, 3)
+    aniso_percent: float = 0.0
+    series_aniso_percent: float = 0.0
     defocus_ang: float = 35000.0
     defocus_jitter_ang: float = 500.0
     astigmatism_ang: float = 400.0
@@ -161,4 +168,7 @@ def check_config(cfg: SimulationConfig) -> None:
                         ("--deformation", cfg.deformation_amplitude_px)):
         need(np.isfinite(value) and value >= 0, flag, value, "a standard deviation >= 0")
     need(cfg.s_div > 0, "--s_div", cfg.s_div, "a positive correlation length (Å)")
+    for flag, value in (("--aniso_percent", cfg.aniso_percent),
+                        ("--series_aniso_percent", cfg.series_aniso_percent)):
+        need(np.isfinite(value) and 0 <= value < 20, flag, value, "a distortion between 0 and 20 %")
 

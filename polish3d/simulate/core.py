@@ -28,6 +28,10 @@ from polish3d.simulate.render import Renderer
 
 __all__ = ["simulate"]
 
+#: the image distortions come from their own random stream (seed, tomogram, this number), so
+#: that a set without distortion is drawn exactly as before they existed
+_DISTORTION_STREAM = 16
+
 
 @dataclass
 class _Tomogram:
@@ -62,7 +66,8 @@ def simulate(config: SimulationConfig, out_dir, reference=None) -> SimulationRes
     renderer = Renderer(config, vol, refs.radius_px)
     acq = scene.Acquisition.from_config(config)
     tomograms = [
-        _simulate_tomogram(f"TS_{t + 1:02d}", config, acq, refs.radius_px, renderer, rng, out)
+        _simulate_tomogram(f"TS_{t + 1:02d}", config, acq, refs.radius_px, renderer, rng, out,
+                           np.random.default_rng([config.seed, t, _DISTORTION_STREAM]))
         for t in range(config.n_tomograms)
     ]
     return _write_sets(out, config, acq, refs.paths, tomograms, t_start)
@@ -79,13 +84,16 @@ def _output_folders(out_dir) -> Path:
 
 
 def _simulate_tomogram(name: str, cfg: SimulationConfig, acq: scene.Acquisition,
-                       radius_px: float, renderer: Renderer, rng, out: Path) -> _Tomogram:
-    """Draw one tilt series (geometry, particles, motion, deformation, defocus), render its
-    images with noise and write its stack ``<out>/tilt_series/<name>.mrcs``."""
+                       radius_px: float, renderer: Renderer, rng, out: Path, rng_distortion) -> _Tomogram:
+    """Draw one tilt series (geometry, image distortion, particles, motion, deformation,
+    defocus), render its images with noise and write its stack ``<out>/tilt_series/<name>.mrcs``."""
     f = acq.n_tilts
     n_all = cfg.n_particles + cfg.n_unlisted
     fd, px = cfg.dose_per_tilt_e_per_ang2, float(cfg.pixel_size_ang)
     p_true, p_nom = scene.tilt_geometry(cfg, acq.angles_deg, rng)
+    distortion = scene.random_distortion(cfg, f, rng_distortion)
+    if distortion is not None:  # the true images are distorted; the nominal geometry is not
+        p_true = geo.compose_distortion(p_true, distortion, cfg.image_size_px)
     x_true = scene.place_particles(rng, cfg, n_all, radius_px, [p_true, p_nom])
     rots, eul = scene.random_rotations(rng, n_all)
     x_nom = x_true + cfg.position_err_px * rng.normal(size=x_true.shape)
@@ -112,6 +120,7 @@ def _simulate_tomogram(name: str, cfg: SimulationConfig, acq: scene.Acquisition,
     listed_names = names[: cfg.n_particles]
     arrays = {
         "projections_true": p_true,
+        "distortion_true": np.broadcast_to(np.eye(2), (f, 2, 2)) if distortion is None else distortion,
         "projections_nominal": p_nom,
         "positions_true_px": x_true,
         "positions_nominal_px": x_nom,

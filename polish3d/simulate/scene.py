@@ -180,6 +180,21 @@ def random_deformation(cfg: SimulationConfig, n_tilts: int, rng) -> Deformation 
     return Deformation("spline", (gw, gh), coeffs.reshape(f, -1))
 
 
+def random_distortion(cfg: SimulationConfig, n_tilts: int, rng) -> np.ndarray | None:
+    """``(F, 2, 2)`` image distortions ``I + [[a, s], [s, −a]]`` (anisotropic magnification of
+    ``aniso_percent`` per tilt and ``series_aniso_percent`` per series, each along a uniformly
+    random axis), or ``None`` when both are 0."""
+    if cfg.aniso_percent <= 0 and cfg.series_aniso_percent <= 0:
+        return None
+
+    def stretch(percent, n):
+        axis = rng.uniform(0.0, np.pi, n)  # (a, s) = m·(cos 2φ, sin 2φ): the axis at φ
+        return 0.01 * percent * np.stack([np.cos(2 * axis), np.sin(2 * axis)], -1)
+
+    a_s = stretch(cfg.aniso_percent, n_tilts) + stretch(cfg.series_aniso_percent, 1)
+    return geo.distortion_matrix(a_s[:, 0], a_s[:, 1])
+
+
 def random_defocus(cfg: SimulationConfig, n_tilts: int, rng) -> dict[str, np.ndarray]:
     """Per-tilt ``defocus_u_ang``, ``defocus_v_ang``, ``defocus_angle_deg``: the mean defocus
     with Gaussian jitter per tilt, a fixed astigmatism and one random angle per tilt series."""
