@@ -91,21 +91,9 @@ from polish3d.model import Deformation, deformation_coefficient_count
 from polish3d.refine import forward
 
 __all__ = [
-    "MODELS",
-    "DeformationConfig",
-    "DeformationModel",
-    "DeformationPlugin",
-    "build_plugin",
-    "evaluate",
-    "evaluate_per_tilt",
-    "fixed_model",
-    "fourier_frequencies",
-    "gauge_projection",
-    "n_coefficients",
-    "plot_deformation",
-    "prior_weights",
-    "rigid_residual",
-    "shrinkage_scale",
+    "MODELS", "DeformationConfig", "DeformationModel", "DeformationPlugin", "build_plugin",
+    "evaluate", "evaluate_per_tilt", "fixed_model", "fourier_frequencies", "gauge_projection",
+    "n_coefficients", "plot_deformation", "prior_weights", "rigid_residual", "shrinkage_scale",
 ]
 
 #: The model names (``rlnTomoDeformationType``, ``--def_model``; case-sensitive).
@@ -405,14 +393,16 @@ class DeformationModel:
         if self.reg > 0:
             per_f = jnp.sum(data["deformation_prior_w"] * c * c, axis=-1)
             prior = prior + self.reg * (jnp.sum(per_f) if self.per_tilt else jnp.mean(per_f))
-        if self.shrink > 0 and "cc" in data:
+        if self.shrink > 0 and "cc" in data:  # κ̄: per run (stages), not per evaluation (~100 ms)
             w = data["weight"]
             d_upd = self.field(upd, u)
-            kappa = jax.lax.stop_gradient(shrinkage_scale(data["cc"], w))
+            kappa = data.get("deformation_kappa")
+            kappa = shrinkage_scale(data["cc"], w) if kappa is None else kappa
             prior = prior + self.shrink * kappa * jnp.sum(w * jnp.sum(d_upd * d_upd, -1))
         return u_new, prior
 
 
+@jax.jit
 def shrinkage_scale(cc, weight):
     """Mean CC peak curvature ``κ̄`` (cost per px²) of the windows ``(N, F, D, D)``.
 
@@ -434,7 +424,7 @@ def shrinkage_scale(cc, weight):
 
     lap = at(1, 0) + at(-1, 0) + at(0, 1) + at(0, -1) - 4.0 * at(0, 0)
     kappa = jnp.maximum(-0.5 * lap, 0.0)
-    return jnp.sum(weight * kappa) / jnp.maximum(jnp.sum(weight), 1.0)
+    return jax.lax.stop_gradient(jnp.sum(weight * kappa) / jnp.maximum(jnp.sum(weight), 1.0))
 
 
 class DeformationPlugin:

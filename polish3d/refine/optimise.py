@@ -115,6 +115,33 @@ class MinimiseInfo:
     seconds: float
 
 
+class _MoveStop:
+    """L-BFGS callback part: raise ``StopIteration`` once the predictions ``predict(x)`` of the
+    ``weighted`` pairs moved less than ``tol_px`` RMS over the last ``every`` iterations.
+
+    The cost can keep creeping down for thousands of iterations along near-degenerate directions
+    (deformation fields the rigid parameters nearly reproduce) while the geometry, what the
+    refinement delivers, no longer changes beyond noise."""
+
+    def __init__(self, predict, weighted: np.ndarray, tol_px: float, every: int):
+        self.predict, self.weighted, self.tol_px, self.every = predict, weighted, tol_px, every
+        self.last, self.halted = None, False
+        self.message = f"predictions moved < {tol_px:g} px RMS in {every} iterations"
+
+    def __call__(self, iteration: int, x) -> None:
+        if self.tol_px <= 0 or iteration % self.every or not self.weighted.any():
+            return
+        u = np.asarray(self.predict(x))[self.weighted]
+        if self.last is not None:
+            move = float(np.sqrt(np.mean(np.sum((u - self.last) ** 2, -1))))
+            log.debug("L-BFGS iteration %d: predictions moved %.4f px RMS in the last %d",
+                      iteration, move, self.every)
+            if move < self.tol_px:
+                self.halted = True
+                raise StopIteration
+        self.last = u
+
+
 def minimise(
     params: dict,
     data: dict,
@@ -138,11 +165,8 @@ def minimise(
         max_iter: maximum L-BFGS iterations (``--it``).
         ftol: stop when the relative cost decrease of an iteration is below this.
         callback: called as ``callback(iteration, cost)`` after each iteration.
-        move_tol_px: ``> 0``: also stop (converged) when, over the last ``move_every``
-            iterations, the predicted 2D positions of the weighted pairs moved less than this
-            RMS (px). The cost can keep creeping down for thousands of iterations along
-            near-degenerate directions (e.g. deformation fields the rigid parameters nearly
-            reproduce) while the geometry, what the refinement delivers, no longer changes.
+        move_tol_px: ``> 0``: also stop (converged) once the predicted 2D positions moved less
+            than this RMS (px) over the last ``move_every`` iterations (:class:`_MoveStop`).
 
     Returns:
         the optimised parameters and a :class:`MinimiseInfo`.
@@ -175,45 +199,26 @@ def minimise(
     c0, _ = fun(x0)
     last = {"cost": c0}
 
-    weighted = np.asarray(data["weight"]) > 0
-    moves = {"u": None, "halted": False}
-
-    def predictions(x):
-        return np.asarray(_flat_positions(jnp.asarray(x, dtype), fixed, data, options, spec))[weighted]
+    stop = _MoveStop(lambda x: _flat_positions(jnp.asarray(x, dtype), fixed, data, options, spec),
+                     np.asarray(data["weight"]) > 0, move_tol_px, move_every)
 
     def cb(intermediate_result):
         counter["it"] += 1
         last["cost"] = float(intermediate_result.fun) + offset
         if callback is not None:
             callback(counter["it"], last["cost"])
-        if move_tol_px > 0 and counter["it"] % move_every == 0 and weighted.any():
-            u = predictions(intermediate_result.x)
-            if moves["u"] is not None:
-                move = float(np.sqrt(np.mean(np.sum((u - moves["u"]) ** 2, -1))))
-                log.debug("L-BFGS iteration %d: predictions moved %.4f px RMS in the last %d",
-                          counter["it"], move, move_every)
-                if move < move_tol_px:
-                    moves["halted"] = True
-                    raise StopIteration
-            moves["u"] = u
+        stop(counter["it"], intermediate_result.x)
 
-    res = scipy.optimize.minimize(
-        fun,
-        x0,
-        jac=True,
-        method="L-BFGS-B",
-        callback=cb,
-        options={"maxiter": int(max_iter), "maxcor": LBFGS_HISTORY, "ftol": float(ftol), "gtol": 1e-6},
-    )
+    res = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", callback=cb, options={
+        "maxiter": int(max_iter), "maxcor": LBFGS_HISTORY, "ftol": float(ftol), "gtol": 1e-6})
     out = dataclasses.replace(params, **_unflatten(jnp.asarray(res.x, dtype), spec))
     info = MinimiseInfo(
         cost_initial=float(c0) + offset,
         cost_final=float(res.fun) + offset,
         iterations=int(res.nit),
         evaluations=counter["n"],
-        converged=bool(res.success) or moves["halted"],
-        message=f"predictions moved < {move_tol_px:g} px RMS in {move_every} iterations"
-        if moves["halted"] else str(res.message),
+        converged=bool(res.success) or stop.halted,
+        message=stop.message if stop.halted else str(res.message),
         seconds=time.perf_counter() - t0,
     )
     return out, info

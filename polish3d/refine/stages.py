@@ -25,21 +25,13 @@ import numpy as np
 
 from polish3d import geometry, imaging
 from polish3d.model import ParticleData, TiltSeriesData, TomogramResult
-from polish3d.refine import ccmaps, forward, likelihood, optimise, stage2
+from polish3d.refine import ccmaps, deformation, forward, likelihood, optimise, stage2
 from polish3d.refine import validate as validate_mod
 from polish3d.refine.ccmaps import PairGeometry
 
 __all__ = [
-    "RefineState",
-    "TomogramProblem",
-    "coarse_shift_search",
-    "exact_passes",
-    "outer_passes",
-    "predict",
-    "rescue",
-    "summarise",
-    "validate",
-    "visible_boxes",
+    "RefineState", "TomogramProblem", "coarse_shift_search", "exact_passes", "outer_passes",
+    "predict", "rescue", "summarise", "validate", "visible_boxes",
 ]
 
 
@@ -287,6 +279,8 @@ def _window_lbfgs(problem, state, outer: int, params, data, recomputed: int, t_c
     cfg, cc = problem.config, data["cc"]
     for blur in schedule:
         data["cc"] = ccmaps.blur_windows(cc, blur) if blur > 0 else cc
+        if problem.options.deformation is not None:  # the shrinkage's scale, once per run
+            data["deformation_kappa"] = deformation.shrinkage_scale(data["cc"], data["weight"])
 
         def cb(it, cost, outer=outer):
             if it < 10 or (it < 100 and it % 10 == 0) or it % 100 == 0:
