@@ -125,13 +125,21 @@ def half_positions(windows: np.ndarray, projections: np.ndarray, visible: np.nda
     # one flat gather per particle: window f's sample at (iy, ix), or the trailing 0 outside
     flat = np.where(inside, np.arange(f)[:, None] * d2 + iy * (2 * h + 1) + ix, f * d2).astype(np.int32)
     even = np.arange(f) % 2 == 0
-    out = np.zeros((2, len(windows), 3))
-    for k in range(len(windows)):
-        samples = np.append(np.asarray(windows[k], np.float32).ravel(), np.float32(0.0))
-        halves = np.stack([even & visible[k], ~even & visible[k]]).astype(np.float32)  # (2, F)
-        sums = halves @ samples[flat]  # (2, G)
-        out[:, k] = grid[np.argmax(sums, axis=1)]
-    return out
+    n = len(windows)
+    n_pad = -(-n // 16) * 16  # few compiled shapes
+    halves = np.zeros((n_pad, 2, f), np.float32)
+    halves[:n] = np.stack([even[None] & visible, ~even[None] & visible], 1)
+    samples = np.zeros((n_pad, f * d2 + 1), np.float32)  # the trailing 0: outside a window
+    samples[:n, :-1] = np.asarray(windows, np.float32).reshape(n, -1)
+    best = np.asarray(_half_search(jnp.asarray(samples), jnp.asarray(halves), jnp.asarray(flat)))[:n]
+    return np.moveaxis(grid[best], 1, 0)
+
+
+@jax.jit
+def _half_search(samples, halves, flat):
+    """``(N, 2)`` grid index of the maximum of ``halves (N, 2, F) @ samples[flat] (F, G)`` per
+    particle, one particle at a time (the gathered ``(F, G)`` block is not stored for all)."""
+    return jax.lax.map(lambda a: jnp.argmax(a[1] @ a[0][flat], axis=1), (samples, halves))
 
 
 def positions_agree(halves: np.ndarray, tolerance_px: float = 3.0) -> np.ndarray:
