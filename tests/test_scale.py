@@ -96,14 +96,19 @@ def _star_files(folder):
             for p in sorted(folder.rglob("*.star")) if p.name != "RELION_OUTPUT_NODES.star"}
 
 
-def test_align_workers_same_as_serial_after_a_worker_is_killed(two_tomograms):
+@pytest.fixture(scope="module")
+def serial_run(two_tomograms):
+    """The serial run's output folder (the result every distributed run must reproduce)."""
+    serial = _align_cli(two_tomograms, "Serial/", "--j", "2")
+    out = serial.communicate(timeout=600)[0]
+    assert serial.returncode == 0, out[-3000:]
+    return two_tomograms / "Serial"
+
+
+def test_align_workers_same_as_serial_after_a_worker_is_killed(two_tomograms, serial_run):
     import time
 
     import psutil
-
-    serial = _align_cli(two_tomograms, "Serial/", "--j", "2")
-    out_serial = serial.communicate(timeout=600)[0]
-    assert serial.returncode == 0, out_serial[-3000:]
 
     run = _align_cli(two_tomograms, "Dask/", "--j", "1", "--workers", "2")
     driver = psutil.Process(run.pid)
@@ -121,4 +126,57 @@ def test_align_workers_same_as_serial_after_a_worker_is_killed(two_tomograms):
     assert killed is not None, "no worker was refining when the test looked:\n" + out[-3000:]
     assert run.returncode == 0, out[-3000:]
     assert "2 / 2 finished" in out
-    assert _star_files(two_tomograms / "Dask") == _star_files(two_tomograms / "Serial")
+    assert _star_files(two_tomograms / "Dask") == _star_files(serial_run)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc) -> None:
+    """End a process started in its own session, and its children (the worker processes)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def test_align_scheduler_of_a_separately_started_cluster_same_as_serial(two_tomograms, serial_run, tmp_path):
+    """`dask scheduler` + `dask worker --nworkers 2` started apart; `--scheduler` uses them."""
+    import subprocess
+    from pathlib import Path
+
+    from distributed import Client
+
+    dask = Path(sys.executable).with_name("dask")
+    if not dask.exists():
+        pytest.skip("the dask command line is not installed next to this Python")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    common = dict(cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started = []
+    try:
+        started.append(subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+            **common))
+        started.append(subprocess.Popen(
+            [dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard"], **common))
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        run = _align_cli(two_tomograms, "External/", "--j", "1", "--scheduler", address)
+        out = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, out[-3000:]
+        assert f"as Dask tasks on {address}" in out and "2 / 2 finished" in out
+        assert _star_files(two_tomograms / "External") == _star_files(serial_run)
+    finally:
+        for proc in reversed(started):
+            _stop(proc)

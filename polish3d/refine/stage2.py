@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polish3d import geometry
+from polish3d.refine.devices import round_up
 from polish3d.refine.objective import tilt_transforms
 
 __all__ = ["Stage2Params", "build_data", "initial_params", "pad_to_bucket", "results_from_params"]
@@ -18,14 +19,15 @@ __all__ = ["Stage2Params", "build_data", "initial_params", "pad_to_bucket", "res
 def pad_to_bucket(n: int, bucket: int = 64) -> int:
     """Particle count padded up so that shapes (and jit compilations) come in few buckets.
 
-    Buckets are multiples of ``bucket`` up to 512, then powers-of-two-ish steps of 25 %.
+    Buckets are multiples of ``bucket`` up to 512, then powers-of-two-ish steps of 25 %, and a
+    multiple of the devices the particle axis is split across (:mod:`polish3d.refine.devices`).
     """
     if n <= 512:
-        return max(bucket, -(-n // bucket) * bucket)
+        return round_up(max(bucket, -(-n // bucket) * bucket))
     size = 512
     while size < n:
         size = int(size * 1.25) // bucket * bucket
-    return size
+    return round_up(size)
 
 
 def build_data(
