@@ -19,6 +19,11 @@ runs one thread per worker: the Dask nanny starts every worker process with
 NumPy loads — the same limit the command line sets for itself (:mod:`polish3d.cli`). Workers of
 an external cluster keep the affinity their launcher gave them (``dask worker --nthreads 1`` and
 the batch system's core binding).
+
+Start-up: local workers import polish3d and JAX as they start (:func:`dask_setup`, a worker
+preload), and without the nanny's ``MALLOC_TRIM_THRESHOLD_`` (see :func:`_client`). The
+workers' ``polish3d`` log records (WARNING and up, or ``POLISH3D_WORKER_LOG``) reach the
+driver's log.
 """
 
 from __future__ import annotations
@@ -160,14 +165,17 @@ class Cluster:
         """The connected client (waits for the start; raises what stopped it)."""
         return self._started.result()[0]
 
-    def close(self) -> None:
-        """Close the client and the local cluster (also when the start failed)."""
+    def close(self, wait: bool = True) -> None:
+        """Close the client and the local cluster (also when the start failed); ``wait=False``:
+        in the background (the workers take seconds to stop; Python waits for it at exit)."""
+        self._pool.submit(self._close)
+        self._pool.shutdown(wait=wait)
+
+    def _close(self) -> None:
         try:
             client, cluster = self._started.result()
         except Exception:  # noqa: BLE001 - nothing was started; the error was reported by client()
             return
-        finally:
-            self._pool.shutdown()
         client.close()
         if cluster is not None:
             cluster.close()
@@ -222,7 +230,8 @@ def run_tasks(
     from :func:`start`, closed here, or the options to start one). A task whose worker dies is
     re-run by the scheduler; a task that raises is reported in its outcome and the others go on.
     ``on_done(outcome, n_done, n_total)`` is called in the calling process as each task ends.
-    Returns the outcomes by key (in the order of ``arguments``).
+    Returns the outcomes by key (in the order of ``arguments``) once all have ended; the cluster
+    is then closed in the background.
     """
     from distributed import as_completed
 
@@ -246,4 +255,4 @@ def run_tasks(
                 on_done(outcome, n_done, len(futures))
         return {key: outcomes[key] for key in arguments}
     finally:
-        cluster.close()
+        cluster.close(wait=False)  # the driver goes on writing the outputs meanwhile

@@ -240,7 +240,6 @@ def _refine_from_files(job: TomogramJob, envelopes: dict, report=None) -> Tomogr
     res = refine_arrays(ts, job.parts, stack, job.refs_ft, envelopes[key], config,
                         progress=report or log_progress(ts.name))
     res.metrics["non_finite_pixels"] = {str(j + 1): c for j, c in sorted(stack.non_finite.items())}
-    res.metrics["devices"] = n_devices
     log.info(
         "  done in %.1f s: 2D positions moved RMS %.3f px, max %.3f px",
         res.metrics["seconds"], res.metrics["displacement_rms_px"], res.metrics["displacement_max_px"],
@@ -295,11 +294,13 @@ def refine_arrays(ts, parts, stack, refs_ft, weights, config: RefineConfig,
                   progress: Callable[..., None] | None = None) -> TomogramResult:
     """Refine one tilt series held in arrays (:func:`polish3d.refine.tomogram.refine_tomogram`).
 
-    ``weights`` is :func:`envelope`; the result carries the particles' names.
+    ``weights`` is :func:`envelope`; the result carries the particles' names and, in
+    ``metrics["devices"]``, how many devices its particles were split across.
     """
     from polish3d.refine.tomogram import refine_tomogram
 
     res = refine_tomogram(ts, parts, stack, refs_ft, weights, config.tomogram, motion=config.motion,
                           deformation=config.deformation, progress=progress)
     res.particle_names = tuple(parts.names)
+    res.metrics["devices"] = devices_used()
     return res

@@ -143,10 +143,9 @@ def minimise(
     """
     t0 = time.perf_counter()
     # data-term baseline: CC values at the start (precision of the float32 cost, see objective)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
     data = _on_devices(data)
+    params = _on_devices(jax.tree_util.tree_map(jnp.asarray, params), data)
     free, fixed = _split(params, free_keys)
-    fixed = _on_devices(fixed, data)
     base = _pair_values(params, data, options)
     data = {**data, "cc_base": base}
     offset = -float(np.sum(np.asarray(data["weight"], np.float64) * np.asarray(base, np.float64)))
