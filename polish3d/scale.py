@@ -113,8 +113,8 @@ def setup_worker(name, threads: int, available: list[int], log_level: str = "WAR
 
 def dask_setup(worker) -> None:
     """Preload of the local workers (``distributed`` calls it as a worker starts, before tasks
-    arrive): :func:`setup_worker`, then JAX and the refinement imported and JAX's CPU backend
-    started, so that a task finds them ready (this overlaps the driver reading the inputs)."""
+    arrive): :func:`setup_worker`, then JAX and the refinement imported and JAX's backend
+    started, so that the first task finds them ready."""
     available = [int(c) for c in os.environ.get(_ENV_CORES, "").split(",") if c]
     setup_worker(worker.name, int(os.environ.get(_ENV_THREADS, "1")), available,
                  os.environ.get(ENV_WORKER_LOG, "WARNING"))
@@ -151,8 +151,8 @@ class TaskOutcome:
 
 
 class Cluster:
-    """A Dask client, and the local cluster it started, made in a background thread: the driver
-    goes on reading its inputs while the workers start (:func:`start`)."""
+    """A Dask client, and the local cluster it started, made in a background thread (:func:`start`
+    returns at once: a caller can go on with other work while the workers start)."""
 
     def __init__(self, options: ClusterOptions):
         from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +195,8 @@ def _client(options: ClusterOptions):
     for name in ("distributed", "tornado", "bokeh"):  # their INFO lines are not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
     log_level = os.environ.get(ENV_WORKER_LOG, "WARNING").upper()
+    if not isinstance(logging.getLevelName(log_level), int):
+        raise ValueError(f"{ENV_WORKER_LOG} must name a log level (DEBUG, INFO, WARNING…), got {log_level!r}")
     if options.scheduler:
         cluster, client = None, Client(options.scheduler, timeout="30s")
         # the cores of other machines are not ours to pin

@@ -181,13 +181,13 @@ def _run_jobs_on_dask(jobs: list[TomogramJob], config: RefineConfig, progress=No
     t0, t0_wall = time.perf_counter(), time.time()
 
     def done(outcome, n_done, n_total):
-        if outcome.ok:
+        counts = f"{n_done} / {n_total} finished, {time.perf_counter() - t0:.1f} s"
+        if outcome.ok:  # when the task started: seconds since the submission (the worker's clock)
             task = outcome.value
-            state = f"done (refined in {task['seconds']:.1f} s from {task['started'] - t0_wall:.1f} s;"
+            log.info("  tomogram %s done (refined in %.1f s from %.1f s; %s)", outcome.key, task["seconds"],
+                     task["started"] - t0_wall, counts)
         else:
-            state = f"FAILED: {error_summary(outcome.error)} ("
-        log.info("  tomogram %s %s %d / %d finished, %.1f s)", outcome.key, state, n_done, n_total,
-                 time.perf_counter() - t0)
+            log.info("  tomogram %s FAILED: %s (%s)", outcome.key, error_summary(outcome.error), counts)
         if progress is not None:
             progress.done(outcome.key)
 

@@ -82,12 +82,13 @@ def two_tomograms(tmp_path_factory):
     return root
 
 
-def _align_cli(project, out, *extra):
+def _align_cli(project, out, *extra, env=None):
     import subprocess
 
     return subprocess.Popen(
         [sys.executable, "-c", _MAIN, "align", "--i", "optimisation_set.star", "--b", "32", "--r", "8",
-         "--o", out, *extra], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--o", out, *extra], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=None if env is None else {**os.environ, **env})
 
 
 def _star_files(folder):
@@ -106,24 +107,32 @@ def serial_run(two_tomograms):
 
 
 def test_align_workers_same_as_serial_after_a_worker_is_killed(two_tomograms, serial_run):
-    import time
+    """Both workers are killed as soon as a worker reports (forwarded log line) that it started
+    refining; the scheduler re-runs their tasks on the restarted workers."""
+    import threading
 
     import psutil
 
-    run = _align_cli(two_tomograms, "Dask/", "--j", "1", "--workers", "2")
-    driver = psutil.Process(run.pid)
-    killed = None
-    deadline = time.monotonic() + 300
-    while killed is None and run.poll() is None and time.monotonic() < deadline:
-        workers = [p for p in driver.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-        busy = [p for p in workers if p.cpu_times().user > 4.0]  # past start-up: refining
-        stored = list((two_tomograms / "Dask" / "temp").glob("*.npz"))
-        if busy and not stored:
-            busy[0].kill()
-            killed = busy[0].pid
-        time.sleep(0.2)
-    out = run.communicate(timeout=600)[0]
-    assert killed is not None, "no worker was refining when the test looked:\n" + out[-3000:]
+    run = _align_cli(two_tomograms, "Dask/", "--j", "1", "--workers", "2",
+                     env={"POLISH3D_WORKER_LOG": "INFO"})  # the workers' "Tomogram 1 / 2: …" lines
+    watchdog = threading.Timer(600, run.kill)
+    watchdog.start()
+    try:
+        killed, lines = [], []
+        for line in run.stdout:
+            lines.append(line)
+            if not killed and "Tomogram " in line and " / 2: TS_0" in line:
+                assert not list((two_tomograms / "Dask" / "temp").glob("*.npz"))  # mid-task
+                workers = [p for p in psutil.Process(run.pid).children(recursive=True)
+                           if "spawn_main" in " ".join(p.cmdline())]
+                for worker in workers:
+                    worker.kill()
+                killed = [w.pid for w in workers]
+        run.wait()
+    finally:
+        watchdog.cancel()
+    out = "".join(lines)
+    assert killed, "no worker reported a tomogram:\n" + out[-3000:]
     assert run.returncode == 0, out[-3000:]
     assert "2 / 2 finished" in out
     assert _star_files(two_tomograms / "Dask") == _star_files(serial_run)
