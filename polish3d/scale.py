@@ -19,6 +19,11 @@ runs one thread per worker: the Dask nanny starts every worker process with
 NumPy loads — the same limit the command line sets for itself (:mod:`polish3d.cli`). Workers of
 an external cluster keep the affinity their launcher gave them (``dask worker --nthreads 1`` and
 the batch system's core binding).
+
+Start-up: local workers import polish3d and JAX as they start (:func:`dask_setup`, a worker
+preload), and without the nanny's ``MALLOC_TRIM_THRESHOLD_`` (see :func:`_client`). The
+workers' ``polish3d`` log records (WARNING and up, or ``POLISH3D_WORKER_LOG``) reach the
+driver's log.
 """
 
 from __future__ import annotations
@@ -80,25 +85,56 @@ def worker_cores(index: int, threads: int, available: list[int]) -> list[int]:
     return [available[(index * threads + k) % len(available)] for k in range(threads)]
 
 
-def _pin_threads_plugin(threads: int, available: list[int]):
-    """A Dask worker plugin that limits each worker's threads before its first task imports JAX."""
+#: environment of local worker processes: their threads and the cores to share out (comma list)
+_ENV_THREADS, _ENV_CORES = "POLISH3D_WORKER_THREADS", "POLISH3D_WORKER_CORES"
+_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+#: level of the worker log records forwarded to the driver's log (default WARNING)
+ENV_WORKER_LOG = "POLISH3D_WORKER_LOG"
+
+
+def setup_worker(name, threads: int, available: list[int], log_level: str = "WARNING") -> None:
+    """Make a worker process ready for tomogram tasks: threads limited (and pinned to cores of its
+    own when ``name`` is a local worker's index and ``available`` lists the cores), the persistent
+    compilation cache on, the ``polish3d`` log level set (records at or above it go to the driver).
+    """
+    try:
+        index = int(name)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or not available:  # a worker of an external cluster: BLAS limit only
+        limit_threads(threads)
+    else:
+        limit_threads(threads, worker_cores(index, threads, available))
+    logging.getLogger("polish3d").setLevel(log_level)
+    from polish3d.api import enable_compilation_cache
+
+    enable_compilation_cache()  # the driver's compiled programs serve the workers too
+
+
+def dask_setup(worker) -> None:
+    """Preload of the local workers (``distributed`` calls it as a worker starts, before tasks
+    arrive): :func:`setup_worker`, then JAX and the refinement imported and JAX's backend
+    started, so that the first task finds them ready."""
+    available = [int(c) for c in os.environ.get(_ENV_CORES, "").split(",") if c]
+    setup_worker(worker.name, int(os.environ.get(_ENV_THREADS, "1")), available,
+                 os.environ.get(ENV_WORKER_LOG, "WARNING"))
+    import jax
+
+    import polish3d.tomogram_jobs  # noqa: F401 - the task's module and what it imports
+    from polish3d.refine import tomogram  # noqa: F401
+
+    jax.devices()
+
+
+def _setup_plugin(threads: int, log_level: str):
+    """A worker plugin that sets up each worker of an external cluster (:func:`setup_worker`)."""
     from distributed import WorkerPlugin
 
-    class PinThreads(WorkerPlugin):
+    class SetupWorker(WorkerPlugin):
         def setup(self, worker) -> None:
-            try:
-                index = int(worker.name)
-            except (TypeError, ValueError):
-                index = None
-            if index is None or not available:  # a worker of an external cluster: BLAS limit only
-                limit_threads(threads)
-            else:
-                limit_threads(threads, worker_cores(index, threads, available))
-            from polish3d.api import enable_compilation_cache
+            setup_worker(worker.name, threads, [], log_level)
 
-            enable_compilation_cache()  # the driver's compiled programs serve the workers too
-
-    return PinThreads()
+    return SetupWorker()
 
 
 @dataclass
@@ -114,46 +150,97 @@ class TaskOutcome:
         return self.error is None
 
 
+class Cluster:
+    """A Dask client, and the local cluster it started, made in a background thread (:func:`start`
+    returns at once: a caller can go on with other work while the workers start)."""
+
+    def __init__(self, options: ClusterOptions):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.options = options
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="polish3d-cluster")
+        self._started = self._pool.submit(_client, options)
+
+    def client(self):
+        """The connected client (waits for the start; raises what stopped it)."""
+        return self._started.result()[0]
+
+    def close(self, wait: bool = True) -> None:
+        """Close the client and the local cluster (also when the start failed); ``wait=False``:
+        in the background (the workers take seconds to stop; Python waits for it at exit)."""
+        self._pool.submit(self._close)
+        self._pool.shutdown(wait=wait)
+
+    def _close(self) -> None:
+        try:
+            client, cluster = self._started.result()
+        except Exception:  # noqa: BLE001 - nothing was started; the error was reported by client()
+            return
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def start(options: ClusterOptions) -> Cluster:
+    """Start connecting to (``options.scheduler``) or starting (``options.workers``) a cluster."""
+    return Cluster(options)
+
+
 def _client(options: ClusterOptions):
     try:
+        import dask
         from distributed import Client, LocalCluster
     except ImportError as exc:  # pragma: no cover - distributed is a dependency
         raise RuntimeError("--workers/--scheduler need the 'distributed' package") from exc
     for name in ("distributed", "tornado", "bokeh"):  # their INFO lines are not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
+    log_level = os.environ.get(ENV_WORKER_LOG, "WARNING").upper()
+    if not isinstance(logging.getLevelName(log_level), int):
+        raise ValueError(f"{ENV_WORKER_LOG} must name a log level (DEBUG, INFO, WARNING…), got {log_level!r}")
     if options.scheduler:
         cluster, client = None, Client(options.scheduler, timeout="30s")
-        available = []  # the cores of other machines are not ours to pin
+        # the cores of other machines are not ours to pin
+        client.register_plugin(_setup_plugin(options.threads_per_worker, log_level), name="polish3d-setup")
     else:
         available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        cluster = LocalCluster(
-            n_workers=options.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
+        env = {_ENV_THREADS: str(options.threads_per_worker), _ENV_CORES: ",".join(map(str, available)),
+               ENV_WORKER_LOG: log_level}
+        # glibc's default memory trimming: the nanny's MALLOC_TRIM_THRESHOLD_=65536 gives every
+        # freed block back to the OS, and the page faults of taking it again cost a refinement
+        # ~20 % more CPU (sys time); the other variables (threads) stay
+        with dask.config.set({_TRIM: None}):
+            cluster = LocalCluster(
+                n_workers=options.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.ERROR, preload=[__name__], env=env,
+            )
         client = Client(cluster)
-    plugin = _pin_threads_plugin(options.threads_per_worker, available)
-    client.register_plugin(plugin, name="polish3d-threads")
+    client.forward_logging("polish3d", level=log_level)  # the workers' warnings reach the log
     return client, cluster
 
 
 def run_tasks(
     fn: Callable[..., Any],
     arguments: Mapping[str, tuple],
-    options: ClusterOptions,
+    cluster: ClusterOptions | Cluster,
     *,
     on_done: Callable[[TaskOutcome, int, int], None] | None = None,
 ) -> dict[str, TaskOutcome]:
     """Run ``fn(*arguments[key])`` for every key as Dask tasks; collect outcomes as they finish.
 
-    ``fn`` and its arguments must be picklable (a module-level function). A task whose worker
-    dies is re-run by the scheduler; a task that raises is reported in its outcome and the others
-    go on. ``on_done(outcome, n_done, n_total)`` is called in the calling process as each task
-    ends. Returns the outcomes by key (in the order of ``arguments``).
+    ``fn`` and its arguments must be picklable (a module-level function). Tasks are submitted in
+    the order of ``arguments`` (put the longest first). ``cluster``: where (a :class:`Cluster`
+    from :func:`start`, closed here, or the options to start one). A task whose worker dies is
+    re-run by the scheduler; a task that raises is reported in its outcome and the others go on.
+    ``on_done(outcome, n_done, n_total)`` is called in the calling process as each task ends.
+    Returns the outcomes by key (in the order of ``arguments``) once all have ended; the cluster
+    is then closed in the background.
     """
     from distributed import as_completed
 
-    client, cluster = _client(options)
+    if isinstance(cluster, ClusterOptions):
+        cluster = start(cluster)
     try:
+        client = cluster.client()
         futures = {
             client.submit(fn, *args, key=f"polish3d-{key}", pure=False): key
             for key, args in arguments.items()
@@ -170,6 +257,4 @@ def run_tasks(
                 on_done(outcome, n_done, len(futures))
         return {key: outcomes[key] for key in arguments}
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        cluster.close(wait=False)  # the driver goes on writing the outputs meanwhile

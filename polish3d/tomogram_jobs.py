@@ -171,28 +171,51 @@ def run_jobs(jobs: list[TomogramJob], config: RefineConfig, progress=None
 
 
 def _run_jobs_on_dask(jobs: list[TomogramJob], config: RefineConfig, progress=None) -> dict[str, str]:
-    """Tomograms as Dask tasks; a data error fails the run after the other tomograms finished."""
+    """Tomograms as Dask tasks, the largest first; a data error fails the run after the other
+    tomograms finished."""
     from polish3d.scale import ClusterOptions, run_tasks
 
     cluster = ClusterOptions(config.workers, config.scheduler, config.threads)
     where = cluster.scheduler or f"{cluster.workers} local worker(s)"
     log.info("Refining %d tomogram(s) as Dask tasks on %s", len(jobs), where)
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
 
     def done(outcome, n_done, n_total):
-        state = "done" if outcome.ok else f"FAILED: {error_summary(outcome.error)}"
-        log.info("  tomogram %s %s (%d / %d finished, %.1f s)", outcome.key, state, n_done, n_total,
-                 time.perf_counter() - t0)
+        counts = f"{n_done} / {n_total} finished, {time.perf_counter() - t0:.1f} s"
+        if outcome.ok:  # when the task started: seconds since the submission (the worker's clock)
+            task = outcome.value
+            log.info("  tomogram %s done (refined in %.1f s from %.1f s; %s)", outcome.key, task["seconds"],
+                     task["started"] - t0_wall, counts)
+        else:
+            log.info("  tomogram %s FAILED: %s (%s)", outcome.key, error_summary(outcome.error), counts)
         if progress is not None:
             progress.done(outcome.key)
 
-    outcomes = run_tasks(run_job, {job.name: (job,) for job in jobs}, cluster, on_done=done)
+    largest_first = sorted(jobs, key=lambda job: -job.parts.n_particles * job.ts.n_tilts)
+    tasks = {job.name: (_with_absolute_paths(job),) for job in largest_first}
+    outcomes = run_tasks(run_task, tasks, cluster, on_done=done)
     errors = {k: o.error for k, o in outcomes.items() if not o.ok}
     if errors:
         first = next(iter(errors.values()))
         log.error("%d tomogram(s) failed: %s", len(errors), ", ".join(errors))
         raise first
-    return {k: o.value for k, o in outcomes.items()}
+    return {k: o.value["why"] for k, o in outcomes.items()}
+
+
+def run_task(job: TomogramJob) -> dict:
+    """:func:`run_job` as a Dask task: ``{"why": run_job's answer, "started": wall-clock time the
+    task started (s since the epoch), "seconds": how long it ran}``."""
+    started = time.time()
+    why = run_job(job)
+    return {"why": why, "started": started, "seconds": time.time() - started}
+
+
+def _with_absolute_paths(job: TomogramJob) -> TomogramJob:
+    """The job with its image files as absolute paths: a worker of an external cluster does not
+    start in the driver's folder (the project must be seen under the same path everywhere)."""
+    files = [(str(Path(path).absolute()), index) for path, index in job.ts.image_files]
+    return dataclasses.replace(job, ts=dataclasses.replace(job.ts, image_files=files),
+                               out_dir=Path(job.out_dir).absolute())
 
 
 def _refine_from_files(job: TomogramJob, envelopes: dict, report=None) -> TomogramResult | None:
@@ -208,6 +231,9 @@ def _refine_from_files(job: TomogramJob, envelopes: dict, report=None) -> Tomogr
         raise InputError(f"{ts.name}: {stack.shape[0]} images for {ts.n_tilts} tilts")
     if stack.non_finite and not _report_non_finite(stack, ts, job.parts, config.box):
         return None
+    n_devices = devices_used()
+    if n_devices > 1:
+        log.info("  particles split across %d devices", n_devices)
     key = round(ts.pixel_size_ang, 6)
     if key not in envelopes:  # once per pixel size, not per tomogram
         envelopes[key] = envelope(config, job.fsc_idx, job.fsc, ts.pixel_size_ang)
@@ -219,6 +245,14 @@ def _refine_from_files(job: TomogramJob, envelopes: dict, report=None) -> Tomogr
         res.metrics["seconds"], res.metrics["displacement_rms_px"], res.metrics["displacement_max_px"],
     )
     return res
+
+
+def devices_used() -> int:
+    """How many devices one tomogram's particles are split across in this process
+    (:mod:`polish3d.refine.devices`; ``POLISH3D_DEVICES`` limits them)."""
+    from polish3d.refine import devices
+
+    return devices.count()
 
 
 def _report_non_finite(stack, ts, parts, box: int) -> bool:
@@ -260,11 +294,13 @@ def refine_arrays(ts, parts, stack, refs_ft, weights, config: RefineConfig,
                   progress: Callable[..., None] | None = None) -> TomogramResult:
     """Refine one tilt series held in arrays (:func:`polish3d.refine.tomogram.refine_tomogram`).
 
-    ``weights`` is :func:`envelope`; the result carries the particles' names.
+    ``weights`` is :func:`envelope`; the result carries the particles' names and, in
+    ``metrics["devices"]``, how many devices its particles were split across.
     """
     from polish3d.refine.tomogram import refine_tomogram
 
     res = refine_tomogram(ts, parts, stack, refs_ft, weights, config.tomogram, motion=config.motion,
                           deformation=config.deformation, progress=progress)
     res.particle_names = tuple(parts.names)
+    res.metrics["devices"] = devices_used()
     return res

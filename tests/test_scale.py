@@ -82,12 +82,13 @@ def two_tomograms(tmp_path_factory):
     return root
 
 
-def _align_cli(project, out, *extra):
+def _align_cli(project, out, *extra, env=None):
     import subprocess
 
     return subprocess.Popen(
         [sys.executable, "-c", _MAIN, "align", "--i", "optimisation_set.star", "--b", "32", "--r", "8",
-         "--o", out, *extra], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--o", out, *extra], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=None if env is None else {**os.environ, **env})
 
 
 def _star_files(folder):
@@ -96,29 +97,95 @@ def _star_files(folder):
             for p in sorted(folder.rglob("*.star")) if p.name != "RELION_OUTPUT_NODES.star"}
 
 
-def test_align_workers_same_as_serial_after_a_worker_is_killed(two_tomograms):
-    import time
+@pytest.fixture(scope="module")
+def serial_run(two_tomograms):
+    """The serial run's output folder (the result every distributed run must reproduce)."""
+    serial = _align_cli(two_tomograms, "Serial/", "--j", "2")
+    out = serial.communicate(timeout=600)[0]
+    assert serial.returncode == 0, out[-3000:]
+    return two_tomograms / "Serial"
+
+
+def test_align_workers_same_as_serial_after_a_worker_is_killed(two_tomograms, serial_run):
+    """Both workers are killed as soon as a worker reports (forwarded log line) that it started
+    refining; the scheduler re-runs their tasks on the restarted workers."""
+    import threading
 
     import psutil
 
-    serial = _align_cli(two_tomograms, "Serial/", "--j", "2")
-    out_serial = serial.communicate(timeout=600)[0]
-    assert serial.returncode == 0, out_serial[-3000:]
-
-    run = _align_cli(two_tomograms, "Dask/", "--j", "1", "--workers", "2")
-    driver = psutil.Process(run.pid)
-    killed = None
-    deadline = time.monotonic() + 300
-    while killed is None and run.poll() is None and time.monotonic() < deadline:
-        workers = [p for p in driver.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-        busy = [p for p in workers if p.cpu_times().user > 4.0]  # past start-up: refining
-        stored = list((two_tomograms / "Dask" / "temp").glob("*.npz"))
-        if busy and not stored:
-            busy[0].kill()
-            killed = busy[0].pid
-        time.sleep(0.2)
-    out = run.communicate(timeout=600)[0]
-    assert killed is not None, "no worker was refining when the test looked:\n" + out[-3000:]
+    run = _align_cli(two_tomograms, "Dask/", "--j", "1", "--workers", "2",
+                     env={"POLISH3D_WORKER_LOG": "INFO"})  # the workers' "Tomogram 1 / 2: …" lines
+    watchdog = threading.Timer(600, run.kill)
+    watchdog.start()
+    try:
+        killed, lines = [], []
+        for line in run.stdout:
+            lines.append(line)
+            if not killed and "Tomogram " in line and " / 2: TS_0" in line:
+                assert not list((two_tomograms / "Dask" / "temp").glob("*.npz"))  # mid-task
+                workers = [p for p in psutil.Process(run.pid).children(recursive=True)
+                           if "spawn_main" in " ".join(p.cmdline())]
+                for worker in workers:
+                    worker.kill()
+                killed = [w.pid for w in workers]
+        run.wait()
+    finally:
+        watchdog.cancel()
+    out = "".join(lines)
+    assert killed, "no worker reported a tomogram:\n" + out[-3000:]
     assert run.returncode == 0, out[-3000:]
     assert "2 / 2 finished" in out
-    assert _star_files(two_tomograms / "Dask") == _star_files(two_tomograms / "Serial")
+    assert _star_files(two_tomograms / "Dask") == _star_files(serial_run)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc) -> None:
+    """End a process started in its own session, and its children (the worker processes)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def test_align_scheduler_of_a_separately_started_cluster_same_as_serial(two_tomograms, serial_run, tmp_path):
+    """`dask scheduler` + `dask worker --nworkers 2` started apart; `--scheduler` uses them."""
+    import subprocess
+    from pathlib import Path
+
+    from distributed import Client
+
+    dask = Path(sys.executable).with_name("dask")
+    if not dask.exists():
+        pytest.skip("the dask command line is not installed next to this Python")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    common = dict(cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started = []
+    try:
+        started.append(subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+            **common))
+        started.append(subprocess.Popen(
+            [dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard"], **common))
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        run = _align_cli(two_tomograms, "External/", "--j", "1", "--scheduler", address)
+        out = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, out[-3000:]
+        assert f"as Dask tasks on {address}" in out and "2 / 2 finished" in out
+        assert _star_files(two_tomograms / "External") == _star_files(serial_run)
+    finally:
+        for proc in reversed(started):
+            _stop(proc)

@@ -14,7 +14,8 @@ For particle ``p`` and tilt ``f`` (RELION §2.5, on RELION's scale):
 
 Computed in fixed-size particle chunks by one jitted function (static box and window), so
 memory is bounded by the chunk size and a tomogram compiles once. Tilt images are gathered on
-the host from (memory-mapped) stacks: only the boxes needed are read.
+the host from (memory-mapped) stacks: only the boxes needed are read. With several devices each
+chunk is split across them (:mod:`polish3d.refine.devices`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from polish3d import imaging
 from polish3d.imaging.extract import observe_windows
 from polish3d.imaging.fourier import radius_2d
+from polish3d.refine import devices
 
 __all__ = [
     "CCInputs",
@@ -281,26 +283,34 @@ def padded_pair_chunks(stack, u, pi, ti, batch: int, size: int):
 def pair_batches(stack, geom: PairGeometry, todo, *, box: int, chunk: int):
     """Host side of the CC stage: fixed-size batches of the pairs ``todo (N, F)`` of ``geom``.
 
-    Pairs are grouped by half set, ``chunk × F`` per batch (the last one padded by repeating its
+    Pairs are grouped by half set, ``chunk × F`` per batch and device (split across the devices
+    of :mod:`polish3d.refine.devices` when there are several; the last one padded by repeating its
     first pair, flagged invalid), boxes gathered from the stack. Yields ``(p_idx, t_idx, m,
     args)`` with ``m`` the number of real pairs and ``args`` the JAX arguments
     ``(windows, frac, cam_rot, depth, tilt, half, valid)`` of :func:`cc_spectra`.
     """
     f = geom.u_px.shape[1]
     half_set = np.asarray(geom.half_set)
-    batch = max(1, chunk) * f
+    n_devices = devices.count()
+    batch = max(1, chunk) * f * n_devices  # chunk × F pairs per device: a multiple of the devices
+    put = jnp.asarray if n_devices == 1 else _split_pairs
     rel_depth = geom.depth_px - geom.centre_depth_px[None, :]
     for h in (1, 2):
         in_half = (half_set == 2) if h == 2 else (half_set != 2)
         pi, ti = np.nonzero(todo & in_half[:, None])
         for p_b, t_b, m, padded, win, frac, valid in padded_pair_chunks(stack, geom.u_px, pi, ti, batch, box):
             args = (
-                jnp.asarray(win), jnp.asarray(frac, jnp.float32),
-                jnp.asarray(padded(geom.cam_rot[p_b, t_b]), jnp.float32),
-                jnp.asarray(padded(rel_depth[p_b, t_b]), jnp.float32),
-                jnp.asarray(padded(t_b), jnp.int32), jnp.int32(h), jnp.asarray(valid),
+                put(win), put(frac, jnp.float32),
+                put(padded(geom.cam_rot[p_b, t_b]), jnp.float32),
+                put(padded(rel_depth[p_b, t_b]), jnp.float32),
+                put(padded(t_b), jnp.int32), jnp.int32(h), put(valid),
             )
             yield p_b, t_b, m, args
+
+
+def _split_pairs(a, dtype=None) -> jax.Array:
+    """A batch's per-pair array split across the devices (:mod:`polish3d.refine.devices`)."""
+    return devices.shard_rows(np.asarray(a, dtype))
 
 
 def compute_cc_windows(
@@ -328,7 +338,7 @@ def compute_cc_windows(
         const: the CC constants.
         box: box size ``s``.
         half_width: window half-width ``hw`` in pixels (the window is ``2·hw+1`` wide).
-        chunk: batch size in particles' worth of pairs (``chunk × F`` pairs per call).
+        chunk: batch size in particles' worth of pairs (``chunk × F`` pairs per call and device).
         blur_px: Gaussian low-pass of the CC maps (standard deviation in pixels; 0: none).
         want_sum: also return the sum over particles of the full CC maps ``(F, s, s)`` (zero
             displacement at index 0, periodic): the per-tilt shift search.
@@ -350,8 +360,9 @@ def compute_cc_windows(
     todo = visible if pairs is None else (visible & pairs)
     if pairs is not None:
         out[:n][np.asarray(pairs, bool) & ~visible] = 0.0
+    blur, const = devices.replicate((jnp.asarray(blur), const))  # (on every device, if several)
     for p_b, t_b, m, args in pair_batches(stack, geom, todo, box=box, chunk=chunk):
-        w, t = _cc_pairs(*args, jnp.asarray(blur), const, half_width, want_sum)
+        w, t = _cc_pairs(*args, blur, const, half_width, want_sum)
         out[p_b, t_b] = np.asarray(w)[:m]
         if want_sum:
             total += np.asarray(t, np.float64)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polish3d.refine import ccmaps
+from polish3d.refine import ccmaps, devices
 
 __all__ = [
     "TAYLOR_ORDER",
@@ -151,6 +151,7 @@ def compute_taylor(
     k_max = spectrum_support(np.asarray(const.weights) * np.asarray(const.dose), box)
     out = np.zeros((n_pad, f, m), np.float32)
     todo = np.asarray(geom.visible, bool)
+    const = devices.replicate(const)  # (on every device, if several)
     for p_b, t_b, k, args in ccmaps.pair_batches(stack, geom, todo, box=box, chunk=chunk):
         out[p_b, t_b] = np.asarray(_taylor_pairs(*args, const, order, k_max))[:k]
     return out

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polish3d import geometry
+from polish3d.refine.devices import round_up
 from polish3d.refine.objective import distortion_update, rigid_transforms, tilt_transforms
 
 __all__ = [
@@ -36,14 +37,15 @@ def aniso_mode(config) -> str | None:
 def pad_to_bucket(n: int, bucket: int = 64) -> int:
     """Particle count padded up so that shapes (and jit compilations) come in few buckets.
 
-    Buckets are multiples of ``bucket`` up to 512, then powers-of-two-ish steps of 25 %.
+    Buckets are multiples of ``bucket`` up to 512, then powers-of-two-ish steps of 25 %, and a
+    multiple of the devices the particle axis is split across (:mod:`polish3d.refine.devices`).
     """
     if n <= 512:
-        return max(bucket, -(-n // bucket) * bucket)
+        return round_up(max(bucket, -(-n // bucket) * bucket))
     size = 512
     while size < n:
         size = int(size * 1.25) // bucket * bucket
-    return size
+    return round_up(size)
 
 
 def build_data(

@@ -309,6 +309,7 @@ def _pass_record(outer: int, recomputed_pairs: int, blur_px: float, cc_seconds: 
         "converged": info.converged,
         "cc_seconds": cc_seconds,
         "lbfgs_seconds": info.seconds,
+        "devices": info.devices,
         **extra,
     }
 
