@@ -211,16 +211,14 @@ def minimise(
 
     x0 = np.concatenate([np.asarray(free[k], np.float64).ravel() for k, _ in spec])
     c0, _ = fun(x0)
-    last = {"cost": c0}
 
     stop = _MoveStop(lambda x: _flat_positions(jnp.asarray(x, dtype), fixed, data, options, spec),
                      np.asarray(data["weight"]) > 0, move_tol_px, move_every)
 
     def cb(intermediate_result):
         counter["it"] += 1
-        last["cost"] = float(intermediate_result.fun) + offset
         if callback is not None:
-            callback(counter["it"], last["cost"])
+            callback(counter["it"], float(intermediate_result.fun) + offset)
         stop(counter["it"], intermediate_result.x)
 
     res = scipy.optimize.minimize(fun, x0, jac=True, method="L-BFGS-B", callback=cb, options={
