@@ -86,10 +86,11 @@ def taylor_exponents(order: int = TAYLOR_ORDER) -> tuple[tuple[int, int], ...]:
     return tuple((a, t - a) for t in range(order + 1) for a in range(t, -1, -1))
 
 
-def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None):
+def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None, radius: float | None = None):
     """Taylor coefficients ``(P, M)`` of ``C(Δ)`` at ``Δ = 0`` from half spectra ``(P, s, sh)``:
     ``m_ab = Re Σ_k c_k g(k) (iθx)^a (iθy)^b / (a! b! s²)``, ``θ = 2πk/s`` (Nyquist excluded;
-    with ``k_max`` only ``|kx|, |ky| ≤ k_max``, where the weights are non-zero)."""
+    with ``k_max`` only ``|kx|, |ky| ≤ k_max``, where the weights are non-zero; with ``radius``
+    only ``|k| ≤ radius``: the CC of those frequencies alone)."""
     import math
 
     kx = np.arange(box // 2 + 1, dtype=np.float64)
@@ -98,11 +99,15 @@ def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None):
     c[0] = 1.0 / (box * box)
     c[-1] = 0.0  # Nyquist column
     keep_y = np.abs(ky) < box / 2  # Nyquist row
+    if radius is not None:
+        keep_y = keep_y[:, None] & (np.hypot(kx[None, :], ky[:, None]) <= radius)
+    else:
+        keep_y = keep_y[:, None]
     tx = 2.0 * np.pi * kx / box
     ty = 2.0 * np.pi * ky / box
     basis = []
     for a, b in taylor_exponents(order):
-        f = (1j * tx[None, :]) ** a * (1j * ty[:, None]) ** b * c[None, :] * keep_y[:, None]
+        f = (1j * tx[None, :]) ** a * (1j * ty[:, None]) ** b * c[None, :] * keep_y
         basis.append(f / (math.factorial(a) * math.factorial(b)))
     basis = np.stack(basis).reshape(len(basis), -1)  # (M, s·sh): Re(g · basis) summed over k
     used = np.flatnonzero(np.any(basis != 0, axis=0))
@@ -115,12 +120,15 @@ def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None):
     return jnp.concatenate([flat.real, flat.imag], axis=1) @ jnp.asarray(b)
 
 
-@functools.partial(jax.jit, static_argnames=("order", "k_max"))
-def _taylor_pairs(windows, frac, cam_rot, depth, tilt, half, valid, const, order, k_max):
+@functools.partial(jax.jit, static_argnames=("order", "k_max", "low_radius"))
+def _taylor_pairs(windows, frac, cam_rot, depth, tilt, half, valid, const, order, k_max, low_radius=None):
     box = windows.shape[-1]
     ones = jnp.ones((box, box // 2 + 1), jnp.float32)
     g = ccmaps.cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, ones, const)
-    return _taylor_from_spectra(g, box, order, k_max)
+    m = _taylor_from_spectra(g, box, order, k_max)
+    if low_radius is None:
+        return m
+    return jnp.concatenate([m, _taylor_from_spectra(g, box, 0, k_max, low_radius)], axis=1)
 
 
 def compute_taylor(
@@ -132,6 +140,7 @@ def compute_taylor(
     chunk: int = 8,
     n_pad: int | None = None,
     order: int = TAYLOR_ORDER,
+    low_radius: float | None = None,
 ) -> np.ndarray:
     """Taylor coefficients ``(n_pad, F, M)`` float32 of every visible pair of ``geom`` (its
     predictions, :class:`~polish3d.refine.ccmaps.PairGeometry`): the exact CC's expansion about
@@ -142,18 +151,20 @@ def compute_taylor(
     ``|R| ≤ Σ_k |c_k g(k)| (θ_max |Δ|)^(order+1) / (order+1)!``: for a peak of spectral extent
     ``θ_max = 2πK/s`` (e.g. ``K = 23`` at ``s = 64``: 2.3 rad/px) and ``|Δ| ≤ 0.1`` px that is
     ~5·10⁻⁷ of the CC, far below the curvature term that fixes the optimum (~(θΔ)²/2 ≈ 3 %).
-    Memory: ``M = 15`` floats per pair at order 4 (no spectra are stored).
+    Memory: ``M = 15`` floats per pair at order 4 (no spectra are stored). With ``low_radius``
+    (Fourier pixels) one more column: the CC at the prediction from ``|k| ≤ low_radius`` alone
+    (from the same spectrum: the reference checks' low band).
     """
     n, f = geom.u_px.shape[:2]
     n_pad = n if n_pad is None else max(n, n_pad)
-    m = len(taylor_exponents(order))
+    m = len(taylor_exponents(order)) + (low_radius is not None)
     # frequencies without weight contribute nothing: skip them (exact)
     k_max = spectrum_support(np.asarray(const.weights) * np.asarray(const.dose), box)
     out = np.zeros((n_pad, f, m), np.float32)
     todo = np.asarray(geom.visible, bool)
     const = devices.replicate(const)  # (on every device, if several)
     for p_b, t_b, k, args in ccmaps.pair_batches(stack, geom, todo, box=box, chunk=chunk):
-        out[p_b, t_b] = np.asarray(_taylor_pairs(*args, const, order, k_max))[:k]
+        out[p_b, t_b] = np.asarray(_taylor_pairs(*args, const, order, k_max, low_radius))[:k]
     return out
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from polish3d import geometry, imaging
+from polish3d import geometry
 from polish3d.model import ParticleData, TiltSeriesData, TomogramResult
 from polish3d.refine import ccmaps, deformation, forward, likelihood, optimise, stage2
 from polish3d.refine import validate as validate_mod
@@ -521,14 +521,15 @@ def _reference_checks(problem: TomogramProblem, geom: PairGeometry, n_max: int =
     g = geom.subset(sub)
     w = np.asarray(problem.const.weights)
     k_max = likelihood.spectrum_support(w * np.asarray(problem.const.dose), cfg.box)
-    low = jnp.asarray(w * (imaging.radius_2d(cfg.box) <= 0.5 * k_max)[None], jnp.float32)
-    mirrored = validate_mod.mirror_z(problem.const.refs)
-    consts = (problem.const, dataclasses.replace(problem.const, refs=mirrored),
-              dataclasses.replace(problem.const, weights=low))
-    own, mirror, low_cc = (
-        np.where(g.visible, likelihood.compute_taylor(
-            problem.stack, g, c, box=cfg.box, chunk=problem.chunk)[: sub.size, :, 0], 0.0).sum(axis=1)
-        for c in consts)
+    mirrored = dataclasses.replace(problem.const, refs=validate_mod.mirror_z(problem.const.refs))
+
+    def summed(const, low_radius=None):  # (n, columns): the particles' CC summed over tilts
+        m = likelihood.compute_taylor(problem.stack, g, const, box=cfg.box, chunk=problem.chunk,
+                                      order=0, low_radius=low_radius)[: sub.size]
+        return np.where(g.visible[..., None], m, 0.0).sum(axis=1)
+
+    # the reference's CC and its low band from one spectrum per pair; the mirror's from another
+    (own, low_cc), mirror = summed(problem.const, 0.5 * k_max).T, summed(mirrored)[:, 0]
 
     def t(values):
         return float(validate_mod.t_statistic(values[:, None], np.ones((values.size, 1), bool))[0][0])
