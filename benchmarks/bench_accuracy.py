@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _side_by_side import relion_binary
+from _side_by_side import POLISH3D_MAIN, relion_binary
 
 SCENARIOS = {
     # name: (simulation overrides, align flags, per-tilt extra shift in px applied to the nominal)
@@ -53,7 +53,7 @@ PERTURB_SIGMA_PX = 0.5
 
 
 def _polish3d(args, cwd):
-    cmd = [sys.executable, "-c", "import sys; from polish3d.cli import main; sys.argv[0]='polish3d'; main()"]
+    cmd = [sys.executable, "-c", POLISH3D_MAIN]
     return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, check=True)
 
 

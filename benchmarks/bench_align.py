@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _side_by_side import POLISH3D_MAIN
+
 
 def _bare_fft_seconds(n_pairs: int, box: int, passes: int) -> float:
     import jax
@@ -54,8 +56,7 @@ def run_one(work: Path, n: int, box: int, image: int, tilts_step: float, use_cli
         simulate(cfg, sim)
     out = sim / "Polish" / "bench"
     cmd = [
-        sys.executable, "-c",
-        "import sys; from polish3d.cli import main; sys.argv=['polish3d']+sys.argv[1:]; main()",
+        sys.executable, "-c", POLISH3D_MAIN,
         "align", "--i", "optimisation_set.star", "--b", str(box), "--r", "20", "--j", "2",
         "--o", "Polish/bench/",
     ]

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from _side_by_side import POLISH3D_MAIN
+
 
 def _simulate(sim: Path, n: int, box: int, image: int, tilt_step: float, s_vel: float, s_div: float):
     from polish3d.simulate import SimulationConfig, simulate
@@ -54,8 +56,7 @@ def _score(sim: Path, out: str) -> float:
 def run_one(sim: Path, box: int, motion: bool, s_vel: float, s_div: float, threads1: bool) -> dict:
     out = "Polish/motion" if motion else "Polish/nomotion"
     cmd = [
-        sys.executable, "-c",
-        "import sys; from polish3d.cli import main; sys.argv=['polish3d']+sys.argv[1:]; main()",
+        sys.executable, "-c", POLISH3D_MAIN,
         "align", "--i", "optimisation_set.star", "--b", str(box), "--r", "20", "--j", "2", "--o", out + "/",
     ]
     if motion:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-_MAIN = "import sys; from polish3d.cli import main; sys.argv[0] = 'polish3d'; main()"
+from _side_by_side import POLISH3D_MAIN
 
 
 def _simulate(work: Path, tomograms: int, particles: int, image: int) -> Path:
@@ -41,8 +41,8 @@ def _simulate(work: Path, tomograms: int, particles: int, image: int) -> Path:
 def _align(sim: Path, out: str, *extra: str) -> float:
     """Wall seconds of one whole ``polish3d align`` process into ``sim/out``."""
     shutil.rmtree(sim / out, ignore_errors=True)
-    cmd = [sys.executable, "-c", _MAIN, "align", "--i", "optimisation_set.star", "--b", "64", "--r", "20",
-           "--o", out, *extra]
+    cmd = [sys.executable, "-c", POLISH3D_MAIN, "align", "--i", "optimisation_set.star", "--b", "64",
+           "--r", "20", "--o", out, *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=sim, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _side_by_side import POLISH3D_MAIN
 
 FLAGS = ["--b", "64", "--r", "20", "--j", "2"]
 CASES = ("normal", "snr0.05", "signal_free_tilt", "mirrored_reference", "random_phase_reference",
@@ -39,7 +40,7 @@ NOISE_TILT = 30
 
 
 def _polish3d(args, cwd):
-    cmd = [sys.executable, "-c", "import sys; from polish3d.cli import main; sys.argv[0]='polish3d'; main()"]
+    cmd = [sys.executable, "-c", POLISH3D_MAIN]
     return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, check=True)
 
 

@@ -9,6 +9,9 @@ import pytest
 
 from polish3d.io.star import read_star, write_star
 
+#: the CLI in a fresh interpreter: ``[sys.executable, "-c", CLI_MAIN, "align", ...]``
+CLI_MAIN = "import sys; from polish3d.cli import main; sys.argv[0] = 'polish3d'; main()"
+
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
     """The message of a raised error, checked to be one clean line (no NumPy scalar reprs)."""

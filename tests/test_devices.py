@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from _helpers import CLI_MAIN
 
-_MAIN = "import sys; from polish3d.cli import main; sys.argv[0] = 'polish3d'; main()"
 _TWO_DEVICES = "--xla_force_host_platform_device_count=2"
 
 #: reprojection difference allowed between the 2-device and the 1-device geometry (pixels): the
@@ -60,7 +60,7 @@ def one_tomogram(tmp_path_factory):
 def _align(project, out: str, env_extra: dict) -> str:
     args = ["align", "--i", "optimisation_set.star", "--b", "32", "--r", "8", "--j", "2", "--o", out]
     env = {**os.environ, **env_extra}
-    proc = subprocess.run([sys.executable, "-c", _MAIN, *args], cwd=project, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", CLI_MAIN, *args], cwd=project, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr

@@ -7,6 +7,7 @@ import sys
 
 import cloudpickle
 import pytest
+from _helpers import CLI_MAIN
 
 from polish3d.scale import ClusterOptions, run_tasks, worker_cores
 
@@ -66,7 +67,6 @@ def test_killed_worker_is_rerun_and_data_error_reported(tmp_path):
 # polish3d align --workers: the same files as the serial run, also when a worker is killed
 # ------------------------------------------------------------------------------------------------
 
-_MAIN = "import sys; from polish3d.cli import main; sys.argv[0] = 'polish3d'; main()"
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def _align_cli(project, out, *extra, env=None):
     import subprocess
 
     return subprocess.Popen(
-        [sys.executable, "-c", _MAIN, "align", "--i", "optimisation_set.star", "--b", "32", "--r", "8",
+        [sys.executable, "-c", CLI_MAIN, "align", "--i", "optimisation_set.star", "--b", "32", "--r", "8",
          "--o", out, *extra], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=None if env is None else {**os.environ, **env})
 

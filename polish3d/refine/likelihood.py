@@ -98,16 +98,14 @@ def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None, radi
     c = np.full(kx.shape, 2.0 / (box * box))
     c[0] = 1.0 / (box * box)
     c[-1] = 0.0  # Nyquist column
-    keep_y = np.abs(ky) < box / 2  # Nyquist row
+    keep = (np.abs(ky) < box / 2)[:, None]  # (s, 1): all but the Nyquist row
     if radius is not None:
-        keep_y = keep_y[:, None] & (np.hypot(kx[None, :], ky[:, None]) <= radius)
-    else:
-        keep_y = keep_y[:, None]
+        keep = keep & (np.hypot(kx[None, :], ky[:, None]) <= radius)  # (s, sh)
     tx = 2.0 * np.pi * kx / box
     ty = 2.0 * np.pi * ky / box
     basis = []
     for a, b in taylor_exponents(order):
-        f = (1j * tx[None, :]) ** a * (1j * ty[:, None]) ** b * c[None, :] * keep_y
+        f = (1j * tx[None, :]) ** a * (1j * ty[:, None]) ** b * c[None, :] * keep
         basis.append(f / (math.factorial(a) * math.factorial(b)))
     basis = np.stack(basis).reshape(len(basis), -1)  # (M, s·sh): Re(g · basis) summed over k
     used = np.flatnonzero(np.any(basis != 0, axis=0))
