@@ -151,8 +151,8 @@ class TaskOutcome:
 
 
 class Cluster:
-    """A Dask client, and the local cluster it started, made in a background thread (:func:`start`
-    returns at once: a caller can go on with other work while the workers start)."""
+    """A Dask client and the local cluster it started, both made in a background thread, and
+    closed there too (:meth:`close` with ``wait=False``: the driver goes on writing meanwhile)."""
 
     def __init__(self, options: ClusterOptions):
         from concurrent.futures import ThreadPoolExecutor
@@ -179,11 +179,6 @@ class Cluster:
         client.close()
         if cluster is not None:
             cluster.close()
-
-
-def start(options: ClusterOptions) -> Cluster:
-    """Start connecting to (``options.scheduler``) or starting (``options.workers``) a cluster."""
-    return Cluster(options)
 
 
 def _client(options: ClusterOptions):
@@ -221,24 +216,24 @@ def _client(options: ClusterOptions):
 def run_tasks(
     fn: Callable[..., Any],
     arguments: Mapping[str, tuple],
-    cluster: ClusterOptions | Cluster,
+    options: ClusterOptions,
     *,
     on_done: Callable[[TaskOutcome, int, int], None] | None = None,
 ) -> dict[str, TaskOutcome]:
     """Run ``fn(*arguments[key])`` for every key as Dask tasks; collect outcomes as they finish.
 
     ``fn`` and its arguments must be picklable (a module-level function). Tasks are submitted in
-    the order of ``arguments`` (put the longest first). ``cluster``: where (a :class:`Cluster`
-    from :func:`start`, closed here, or the options to start one). A task whose worker dies is
-    re-run by the scheduler; a task that raises is reported in its outcome and the others go on.
+    the order of ``arguments`` (put the longest first), on the cluster ``options`` describe (a
+    :class:`Cluster`: connected to ``options.scheduler`` or started locally). A task whose worker
+    dies is re-run by the scheduler; a task that raises is reported in its outcome and the others
+    go on.
     ``on_done(outcome, n_done, n_total)`` is called in the calling process as each task ends.
     Returns the outcomes by key (in the order of ``arguments``) once all have ended; the cluster
     is then closed in the background.
     """
     from distributed import as_completed
 
-    if isinstance(cluster, ClusterOptions):
-        cluster = start(cluster)
+    cluster = Cluster(options)
     try:
         client = cluster.client()
         futures = {

@@ -317,17 +317,17 @@ def _pass_record(outer: int, recomputed_pairs: int, blur_px: float, cc_seconds: 
 def _stage2_problem(problem: TomogramProblem, state: RefineState, u0, store, weight, **extra):
     """Stage-2 data (current geometry, CC store, input motion, plug-ins) and start point."""
     n, f, n_pad = problem.particles.n_particles, problem.ts.n_tilts, problem.n_pad
+    aniso = stage2.aniso_mode(problem.config)  # the image distortion refined, if any
     data = stage2.build_data(
         state.projections, state.positions_px, u0, store, weight, tomo_size_px=problem.ts.tomo_size_px,
         image_size_px=problem.ts.image_size_px, window_radius_px=problem.config.r, n_pad=n_pad,
-        aniso=stage2.aniso_mode(problem.config), free=problem.free, **extra,
+        aniso=aniso, free=problem.free, **extra,
     )
     if "motion" not in problem.plugins and problem.particles.trajectories_px is not None:
         pad = np.zeros((n_pad - n, f, 3))
         data["offsets"] = jnp.asarray(np.concatenate([offsets(problem, state), pad], 0), jnp.float32)
     for pl in problem.plugins.values():
         data.update(pl.data(state.projections, state.positions_px))
-    aniso = stage2.aniso_mode(problem.config)  # the image distortion refined, if any
     return data, stage2.initial_params(f, n_pad, aniso=aniso, **state.plugin_params)
 
 
