@@ -219,3 +219,43 @@ def test_result_does_not_depend_on_the_start(tiny):
         assert gap < 0.1 * min(exact), (k, gap, exact)
     # without the final stage the truth start stays pinned to the truth by the window grid
     assert out[0, "truth"][0] < 0.9 * out[2, "truth"][0], (out[0, "truth"][0], exact)
+
+
+def test_cropped_cc_kernel_equals_the_full_one():
+    """The CC stage's kernel on the weights' support only (``k_max``) gives the CC windows, their
+    per-tilt sums and the Taylor coefficients of the full half grid (weights 0 beyond ``k_max``)."""
+    from scipy.spatial.transform import Rotation
+
+    from polish3d.refine import ccmaps
+
+    box, n_tilts, n, k = 32, 5, 12, 11
+    sh = box // 2 + 1
+    rng = np.random.default_rng(7)
+    refs = jnp.asarray(rng.normal(size=(2, box, box, sh)) + 1j * rng.normal(size=(2, box, box, sh)),
+                       jnp.complex64)
+    ky = np.abs(np.fft.fftfreq(box) * box)[:, None]
+    w = np.broadcast_to(np.where((ky <= k) & (np.arange(sh)[None] <= k), 1.0 + rng.random((box, sh)), 0.0),
+                        (n_tilts, box, sh)).astype(np.float32)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    const = ccmaps.CCInputs(
+        refs=refs, weights=jnp.asarray(w), dose=f32(rng.uniform(0.5, 1.0, (n_tilts, box, sh))),
+        defocus_u=f32(rng.uniform(1e4, 3e4, n_tilts)), defocus_v=f32(rng.uniform(1e4, 3e4, n_tilts)),
+        defocus_angle=f32(rng.uniform(0, 90, n_tilts)), phase_shift=f32(np.zeros(n_tilts)),
+        bfactor=f32(np.zeros(n_tilts)), ctf_scale=f32(np.ones(n_tilts)), pixel_size=f32(6.0),
+        voltage=f32(300.0), cs=f32(2.7), q0=f32(0.1), hand_slope_px=f32(6.0))
+    assert ccmaps.cc_support(const, box) == k
+    args = (f32(rng.normal(size=(n, box, box))), f32(rng.uniform(-0.5, 0.5, (n, 2))),
+            f32(Rotation.random(n, random_state=2).as_matrix()), f32(rng.normal(0, 20, n)),
+            jnp.asarray(np.arange(n) % n_tilts, jnp.int32), jnp.int32(2), f32(np.ones(n)))
+    blur = f32(np.exp(-np.arange(box * sh).reshape(box, sh) / 300.0))
+    windows = {}
+    for k_max in (None, k):
+        g = ccmaps.spectra(*args, ccmaps.pass_weights(const, blur, k_max), const, k_max)
+        windows[k_max] = [np.asarray(a) for a in ccmaps._cc_windows(g, args[4], box, 6, n_tilts, True)]
+    for a, b in zip(windows[None], windows[k]):
+        np.testing.assert_allclose(b, a, atol=2e-5 * np.abs(a).max())
+    ones = f32(np.ones((box, sh)))
+    full = ccmaps.spectra(*args, ccmaps.pass_weights(const, ones, None), const, None)
+    want = np.asarray(likelihood._taylor_from_spectra(full, box, 4, k))
+    got = np.asarray(likelihood._taylor_pairs(*args, ccmaps.pass_weights(const, ones, k), const, 4, k))
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())

@@ -22,8 +22,8 @@ def electron_wavelength_ang(voltage_kv):
     return 12.2643247 / jnp.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
-def _freqs_ang(box: int, pixel_size_ang):
-    kx, ky = freq_grid_2d(box)
+def _freqs_ang(box: int, pixel_size_ang, k_max: int | None = None):
+    kx, ky = freq_grid_2d(box, k_max)
     scale = 1.0 / (box * jnp.asarray(pixel_size_ang, dtype=jnp.float32))
     return kx * scale, ky * scale
 
@@ -40,6 +40,7 @@ def ctf_2d(
     phase_shift_deg=0.0,
     bfactor_ang2=0.0,
     scale=1.0,
+    k_max: int | None = None,
 ) -> jnp.ndarray:
     """RELION's CTF ``−sin γ(k) · exp(−B|k|²/4) · scale`` on the 2D half grid.
 
@@ -59,13 +60,15 @@ def ctf_2d(
         phase_shift_deg: phase-plate shift in degrees (``rlnPhaseShift``).
         bfactor_ang2: CTF B-factor in Å² (``rlnCtfBfactor``).
         scale: ``rlnCtfScalefactor``.
+        k_max: only the frequencies ``|kx|, |ky| ≤ k_max`` (static; the cropped layout of
+            :func:`~polish3d.imaging.fourier.crop_half`, ``(2K+1, K+1)``).
 
     All scalar arguments may be traced (``vmap`` over particles/tilts).
 
     Returns:
         float32 ``(box, box//2+1)``.
     """
-    x, y = _freqs_ang(box, pixel_size_ang)
+    x, y = _freqs_ang(box, pixel_size_ang, k_max)
     lam = electron_wavelength_ang(voltage_kv)
     cs = jnp.asarray(cs_mm, dtype=jnp.float32) * 1e7
     q0 = jnp.asarray(amplitude_contrast, dtype=jnp.float32)

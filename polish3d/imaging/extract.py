@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from polish3d.imaging.fourier import rfft2c, shift_phase
+from polish3d.imaging.fourier import rfft2c, rfft2c_cropped, shift_phase
 
 __all__ = ["EDGE_FALLOFF_PX", "circle_mask", "extract_observation", "extract_window", "observe_windows"]
 
@@ -67,16 +67,19 @@ def extract_observation(image, position_px, box: int) -> jnp.ndarray:
     return observe_windows(win, u - r)
 
 
-def observe_windows(windows, frac_px) -> jnp.ndarray:
+def observe_windows(windows, frac_px, k_max: int | None = None) -> jnp.ndarray:
     """Fourier observations from raw windows ``(..., s, s)`` and sub-pixel offsets ``(..., 2)``.
 
     The second half of :func:`extract_observation` (the refinement gathers its windows on the
     host, :func:`polish3d.refine.ccmaps.gather_pairs`, and calls this on them): the mean of the
     pixels at radius ``> s/2`` subtracted, the soft circular mask, the centred unitary rfft2 and
     the phase ramp of ``frac = u − round(u)`` that puts the exact position at the phase origin.
+    With ``k_max`` only ``|kx|, |ky| ≤ k_max`` (:func:`polish3d.imaging.fourier.rfft2c_cropped`).
     """
     box = windows.shape[-1]
     mask, outside = circle_mask(box)
     n_out = max(int(outside.sum()), 1)
     mean_out = jnp.sum(jnp.where(outside, windows, 0.0), axis=(-2, -1), keepdims=True) / n_out
-    return rfft2c(mask * (windows - mean_out)) * shift_phase(box, -frac_px)
+    masked = mask * (windows - mean_out)
+    spectrum = rfft2c(masked) if k_max is None else rfft2c_cropped(masked, k_max)
+    return spectrum * shift_phase(box, -frac_px, k_max)

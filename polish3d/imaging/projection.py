@@ -10,12 +10,13 @@ from polish3d.imaging.fourier import freq_grid_2d, radius_2d
 __all__ = ["central_slice", "nyquist_mask", "predict_particle"]
 
 
-def nyquist_mask(box: int) -> np.ndarray:
-    """``|k| ≤ box/2`` on the 2D half grid (bool ``(box, box//2+1)``)."""
-    return radius_2d(box) <= box / 2.0
+def nyquist_mask(box: int, k_max: int | None = None) -> np.ndarray:
+    """``|k| ≤ box/2`` on the 2D half grid (bool ``(box, box//2+1)``; the cropped grid of
+    :func:`~polish3d.imaging.fourier.crop_half` with ``k_max``)."""
+    return radius_2d(box, k_max) <= box / 2.0
 
 
-def central_slice(ref_ft, rotation, box: int) -> jnp.ndarray:
+def central_slice(ref_ft, rotation, box: int, k_max: int | None = None) -> jnp.ndarray:
     """2D centred unitary rfft of the projection of the rotated reference (central-slice theorem).
 
     The reference spectrum (from :func:`~polish3d.imaging.reference.prepare_reference`) is
@@ -33,12 +34,14 @@ def central_slice(ref_ft, rotation, box: int) -> jnp.ndarray:
         rotation: ``(3, 3)`` matrix mapping reference coordinates (x, y, z) to camera coordinates
             (image x, image y, depth) — for a particle ``P_j[:3,:3] · M_p``. Differentiable.
         box: box size ``s`` (static).
+        k_max: only the frequencies ``|kx|, |ky| ≤ k_max`` (static; the layout of
+            :func:`~polish3d.imaging.fourier.crop_half`, ``(2K+1, K+1)``).
 
     Returns:
         complex64 ``(box, box//2+1)`` ``[ky, kx]``, phase origin at the box centre.
     """
     sh = box // 2 + 1
-    kx, ky = freq_grid_2d(box)
+    kx, ky = freq_grid_2d(box, k_max)
     rot = jnp.asarray(rotation, dtype=jnp.float32)
     # q_i = Σ_a R[a, i] k_a with k = (kx, ky, 0)
     qx = rot[0, 0] * kx + rot[1, 0] * ky
@@ -72,7 +75,7 @@ def central_slice(ref_ft, rotation, box: int) -> jnp.ndarray:
     vxy1 = (1 - fy) * vx01 + fy * vx11
     v = (1 - fz) * vxy0 + fz * vxy1
     v = jnp.where(neg, jnp.conj(v), v)
-    v = jnp.where(nyquist_mask(box), v, 0.0) * np.float32(np.sqrt(box))
+    v = jnp.where(nyquist_mask(box, k_max), v, 0.0) * np.float32(np.sqrt(box))
     return v.astype(jnp.complex64)
 
 

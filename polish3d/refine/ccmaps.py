@@ -37,10 +37,12 @@ __all__ = [
     "PairGeometry",
     "blur_windows",
     "cc_spectra",
+    "cc_support",
     "compute_cc_windows",
     "frequency_weights",
     "gather_pairs",
     "observe_windows",
+    "one_behind",
     "pair_batches",
 ]
 
@@ -211,49 +213,79 @@ def _window_indices(box: int, half_width: int) -> np.ndarray:
     return np.mod(np.arange(-half_width, half_width + 1), box)
 
 
-def cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, blur, const):
+def cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, weight, const, k_max: int | None = None):
     """CC spectra ``g (P, s, s//2+1)`` of a batch of particle–tilt pairs of one half set.
 
     ``C(d) = irfft2(g)[d]`` is the CC at the integer displacement ``d`` (pixels); the same
     ``g`` evaluated as a trigonometric polynomial gives it at any real ``d``
     (:mod:`polish3d.refine.likelihood`). ``windows (P, s, s)``, ``frac (P, 2)``,
     ``cam_rot (P, 3, 3)``, ``depth (P,)`` (depth minus the tomogram centre's depth, pixels),
-    ``tilt (P,)`` file index, ``half`` 1 or 2, ``valid (P,)`` 0 for padding (traceable; not
-    jitted here).
+    ``tilt (P,)`` file index, ``half`` 1 or 2, ``valid (P,)`` 0 for padding, ``weight`` the
+    per-tilt weights of :func:`pass_weights` (traceable; not jitted here). With ``k_max`` (static,
+    ``< s/2``; the weights must be 0 beyond it, see :func:`cc_support`) only ``|kx|, |ky| ≤ k_max``
+    are computed: ``g (P, 2K+1, K+1)`` in the layout of :func:`polish3d.imaging.crop_half` (the
+    reference slice and the CTF, most of the cost, on that grid alone).
     """
     box = windows.shape[-1]
-    y = observe_windows(windows, frac)  # (P, s, sh)
+    y = observe_windows(windows, frac, k_max)  # (P, s, sh) or cropped
     dz = const.hand_slope_px * depth
     # one half map per batch (the host groups pairs by half set): selecting the map per pair
     # inside vmap would materialise a 3D map per pair
     ref = jax.lax.dynamic_index_in_dim(const.refs, half - 1, axis=0, keepdims=False)
 
     def one(rot, j, dz_):
-        sl = imaging.central_slice(ref, rot, box)
+        sl = imaging.central_slice(ref, rot, box, k_max)
         ctf = imaging.ctf_2d(
             box, const.pixel_size, const.defocus_u[j] + dz_, const.defocus_v[j] + dz_,
             const.defocus_angle[j], const.voltage, const.cs, const.q0,
-            const.phase_shift[j], const.bfactor[j], const.ctf_scale[j],
+            const.phase_shift[j], const.bfactor[j], const.ctf_scale[j], k_max=k_max,
         )
         return sl * ctf
 
     s = jax.vmap(one)(cam_rot, tilt, dz)
-    w = const.weights[tilt] * const.dose[tilt] * blur[None]
-    return (-float(box * box) / np.sqrt(box)) * (valid[:, None, None] * w) * y * jnp.conj(s)
+    return (-float(box * box) / np.sqrt(box)) * (valid[:, None, None] * weight[tilt]) * y * jnp.conj(s)
 
 
-@functools.partial(jax.jit, static_argnames=("half_width", "want_sum"))
-def _cc_pairs(windows, frac, cam_rot, depth, tilt, half, valid, blur, const, half_width, want_sum):
-    """CC windows ``(P, D, D)`` of a batch of pairs (arguments as :func:`cc_spectra`) and, if
+@functools.partial(jax.jit, static_argnames=("k_max",))
+def pass_weights(const: CCInputs, blur, k_max: int | None = None) -> jax.Array:
+    """The per-tilt weights of :func:`cc_spectra` for one pass: frequency weight × dose × ``blur``
+    (``(s, s//2+1)``), ``(F, s, s//2+1)``, cropped to ``k_max`` if given (computed once per pass:
+    inside the pairs' computation the crop would be redone for every pair)."""
+    w = const.weights * const.dose * blur[None]
+    return w if k_max is None else imaging.crop_half(w, k_max)
+
+
+#: :func:`cc_spectra` compiled on its own. Its consumers (the inverse FFT of the CC windows, the
+#: Taylor moments' matrix product) are separate calls: fused with them, XLA lays the spectra out
+#: frequency-major for the product and the reference slices' gathers, pair after pair at every
+#: frequency, miss the cache (measured 1.5x slower at box 96).
+spectra = jax.jit(cc_spectra, static_argnames=("k_max",))
+
+
+def cc_support(const: CCInputs, box: int) -> int | None:
+    """The ``k_max`` for :func:`cc_spectra`: the largest ``|kx|`` or ``|ky|`` where any tilt's
+    weight (frequency weight × dose) is non-zero, or ``None`` when that reaches ``s/2`` (no crop)."""
+    nz = np.any(np.asarray(const.weights) * np.asarray(const.dose) != 0, axis=0)  # (s, sh)
+    ky = np.abs(np.fft.fftfreq(box) * box).astype(int)
+    k = np.maximum(ky[:, None], np.arange(box // 2 + 1)[None, :])
+    k_used = int(k[nz].max()) if nz.any() else 0
+    return k_used if k_used < box // 2 else None
+
+
+@functools.partial(jax.jit, static_argnames=("box", "half_width", "n_tilts", "want_sum"))
+def _cc_windows(g, tilt, box: int, half_width: int, n_tilts: int, want_sum: bool):
+    """CC windows ``(P, D, D)`` from the spectra of :func:`spectra` (cropped or not) and, if
     ``want_sum``, the per-tilt sum of the full maps ``(F, s, s)``."""
-    box = windows.shape[-1]
-    g = cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, blur, const)
-    cc = jnp.fft.irfft2(g, s=(box, box))
     idx = _window_indices(box, half_width)
+    if g.shape[-2] != box and box % 2 == 0:  # cropped: put back modulated, one pad (no reordering)
+        cc = jnp.fft.irfft2(imaging.uncrop_half(g, box, modulated=True), s=(box, box))
+        cc = cc * imaging.row_signs(box)[:, None]  # undo the modulation (fused with the reads)
+    else:
+        cc = jnp.fft.irfft2(g if g.shape[-2] == box else imaging.uncrop_half(g, box), s=(box, box))
     win = cc[..., idx[:, None], idx[None, :]]
     if not want_sum:  # the per-tilt sum doubles the cost of the inverse-FFT stage
         return win, None
-    return win, jax.ops.segment_sum(cc, tilt, num_segments=const.weights.shape[0])
+    return win, jax.ops.segment_sum(cc, tilt, num_segments=n_tilts)
 
 
 def padded_pair_chunks(stack, u, pi, ti, batch: int, size: int):
@@ -308,6 +340,19 @@ def pair_batches(stack, geom: PairGeometry, todo, *, box: int, chunk: int):
             yield p_b, t_b, m, args
 
 
+def one_behind(items):
+    """Yield the items of an iterator one step late: the host prepares (and dispatches) batch
+    ``i + 1`` before the caller reads batch ``i``'s results, so gathering boxes on the host overlaps
+    the device's work on the previous batch (JAX dispatches asynchronously)."""
+    pending = sentinel = object()
+    for item in items:
+        if pending is not sentinel:
+            yield pending
+        pending = item
+    if pending is not sentinel:
+        yield pending
+
+
 def _split_pairs(a, dtype=None) -> jax.Array:
     """A batch's per-pair array split across the devices (:mod:`polish3d.refine.devices`)."""
     return devices.shard_rows(np.asarray(a, dtype))
@@ -360,9 +405,16 @@ def compute_cc_windows(
     todo = visible if pairs is None else (visible & pairs)
     if pairs is not None:
         out[:n][np.asarray(pairs, bool) & ~visible] = 0.0
+    k_max = cc_support(const, box)  # frequencies without weight are skipped (exact)
     blur, const = devices.replicate((jnp.asarray(blur), const))  # (on every device, if several)
-    for p_b, t_b, m, args in pair_batches(stack, geom, todo, box=box, chunk=chunk):
-        w, t = _cc_pairs(*args, blur, const, half_width, want_sum)
+    batches = pair_batches(stack, geom, todo, box=box, chunk=chunk)
+    weight = pass_weights(const, blur, k_max)
+
+    def windows(args):
+        g = spectra(*args, weight, const, k_max)
+        return _cc_windows(g, args[4], box, half_width, f, want_sum)
+
+    for p_b, t_b, m, (w, t) in one_behind((p_b, t_b, m, windows(args)) for p_b, t_b, m, args in batches):
         out[p_b, t_b] = np.asarray(w)[:m]
         if want_sum:
             total += np.asarray(t, np.float64)

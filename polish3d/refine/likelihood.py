@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polish3d import imaging
 from polish3d.refine import ccmaps, devices
 
 __all__ = [
@@ -86,47 +87,51 @@ def taylor_exponents(order: int = TAYLOR_ORDER) -> tuple[tuple[int, int], ...]:
     return tuple((a, t - a) for t in range(order + 1) for a in range(t, -1, -1))
 
 
-def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None, radius: float | None = None):
+def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None, radius: float | None = None,
+                         cropped: bool = False):
     """Taylor coefficients ``(P, M)`` of ``C(Δ)`` at ``Δ = 0`` from half spectra ``(P, s, sh)``:
     ``m_ab = Re Σ_k c_k g(k) (iθx)^a (iθy)^b / (a! b! s²)``, ``θ = 2πk/s`` (Nyquist excluded;
     with ``k_max`` only ``|kx|, |ky| ≤ k_max``, where the weights are non-zero; with ``radius``
-    only ``|k| ≤ radius``: the CC of those frequencies alone)."""
+    only ``|k| ≤ radius``: the CC of those frequencies alone). ``cropped``: ``g`` holds only
+    ``|kx|, |ky| ≤ k_max`` (``(P, 2K+1, K+1)``, :func:`polish3d.imaging.crop_half`)."""
     import math
 
-    kx = np.arange(box // 2 + 1, dtype=np.float64)
-    ky = np.fft.fftfreq(box) * box
-    c = np.full(kx.shape, 2.0 / (box * box))
-    c[0] = 1.0 / (box * box)
-    c[-1] = 0.0  # Nyquist column
-    keep = (np.abs(ky) < box / 2)[:, None]  # (s, 1): all but the Nyquist row
+    kx, ky = (np.asarray(a, np.float64) for a in imaging.freq_grid_2d(box, k_max if cropped else None))
+    c = np.where(kx == 0, 1.0, 2.0) / (box * box)
+    c = np.where(kx == box // 2, 0.0, c)  # Nyquist column
+    keep = np.abs(ky) < box / 2  # all but the Nyquist row
     if radius is not None:
-        keep = keep & (np.hypot(kx[None, :], ky[:, None]) <= radius)  # (s, sh)
-    tx = 2.0 * np.pi * kx / box
-    ty = 2.0 * np.pi * ky / box
+        keep = keep & (np.hypot(kx, ky) <= radius)
+    if k_max is not None:  # only the frequencies that carry weight
+        keep = keep & (np.maximum(np.abs(kx), np.abs(ky)) <= k_max)
+    tx, ty = 2.0 * np.pi * kx / box, 2.0 * np.pi * ky / box
     basis = []
     for a, b in taylor_exponents(order):
-        f = (1j * tx[None, :]) ** a * (1j * ty[:, None]) ** b * c[None, :] * keep
+        f = (1j * tx) ** a * (1j * ty) ** b * c * keep
         basis.append(f / (math.factorial(a) * math.factorial(b)))
-    basis = np.stack(basis).reshape(len(basis), -1)  # (M, s·sh): Re(g · basis) summed over k
+    basis = np.stack(basis).reshape(len(basis), -1)  # (M, rows·cols): Re(g · basis) summed over k
     used = np.flatnonzero(np.any(basis != 0, axis=0))
-    if k_max is not None:  # only the frequencies that carry weight
-        kk = np.maximum(np.abs(ky)[:, None], kx[None, :]).ravel()
-        used = used[kk[used] <= k_max]
     # one real matrix product (P, 2·K') @ (2·K', M): [Re g, Im g] · [Re b; −Im b]
     b = np.concatenate([basis.real[:, used], -basis.imag[:, used]], axis=1).T.astype(np.float32)
     flat = g.reshape(g.shape[0], -1)[:, used]
     return jnp.concatenate([flat.real, flat.imag], axis=1) @ jnp.asarray(b)
 
 
-@functools.partial(jax.jit, static_argnames=("order", "k_max", "low_radius"))
-def _taylor_pairs(windows, frac, cam_rot, depth, tilt, half, valid, const, order, k_max, low_radius=None):
+def _taylor_pairs(windows, frac, cam_rot, depth, tilt, half, valid, weight, const, order, k_max,
+                  low_radius=None):
+    """Taylor coefficients ``(P, M)`` of a batch of pairs (arguments as
+    :func:`polish3d.refine.ccmaps.cc_spectra`): two compiled calls (see ``ccmaps.spectra``)."""
     box = windows.shape[-1]
-    ones = jnp.ones((box, box // 2 + 1), jnp.float32)
-    g = ccmaps.cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, ones, const)
-    m = _taylor_from_spectra(g, box, order, k_max)
+    g = ccmaps.spectra(windows, frac, cam_rot, depth, tilt, half, valid, weight, const, k_max)
+    return _taylor_moments(g, box, order, k_max, low_radius)
+
+
+@functools.partial(jax.jit, static_argnames=("box", "order", "k_max", "low_radius"))
+def _taylor_moments(g, box: int, order: int, k_max: int, low_radius: float | None):
+    m = _taylor_from_spectra(g, box, order, k_max, cropped=True)
     if low_radius is None:
         return m
-    return jnp.concatenate([m, _taylor_from_spectra(g, box, 0, k_max, low_radius)], axis=1)
+    return jnp.concatenate([m, _taylor_from_spectra(g, box, 0, k_max, low_radius, cropped=True)], axis=1)
 
 
 def compute_taylor(
@@ -161,8 +166,13 @@ def compute_taylor(
     out = np.zeros((n_pad, f, m), np.float32)
     todo = np.asarray(geom.visible, bool)
     const = devices.replicate(const)  # (on every device, if several)
-    for p_b, t_b, k, args in ccmaps.pair_batches(stack, geom, todo, box=box, chunk=chunk):
-        out[p_b, t_b] = np.asarray(_taylor_pairs(*args, const, order, k_max, low_radius))[:k]
+    weight = ccmaps.pass_weights(const, jnp.ones((box, box // 2 + 1), jnp.float32), k_max)
+    batches = ccmaps.pair_batches(stack, geom, todo, box=box, chunk=chunk)
+    for p_b, t_b, k, m in ccmaps.one_behind(
+        (p_b, t_b, k, _taylor_pairs(*args, weight, const, order, k_max, low_radius))
+        for p_b, t_b, k, args in batches
+    ):
+        out[p_b, t_b] = np.asarray(m)[:k]
     return out
 
 
