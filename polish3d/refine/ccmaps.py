@@ -35,6 +35,7 @@ from polish3d.refine import devices
 __all__ = [
     "CCInputs",
     "PairGeometry",
+    "aligned_zeros",
     "blur_windows",
     "cc_spectra",
     "cc_support",
@@ -206,7 +207,20 @@ def blur_windows(windows, sigma_px: float) -> jax.Array:
 
 @jax.jit
 def _blur(w, g):
-    return jnp.einsum("ij,...jk,lk->...il", g, w, g)
+    # one particle's (F, D, D) windows at a time, 16 particles per step: the result is the only
+    # array of the windows' size (a whole-array einsum held an intermediate of that size too)
+    flat = w.reshape((-1,) + w.shape[-3:])
+    out = jax.lax.map(lambda a: jnp.einsum("ij,...jk,lk->...il", g, a, g), flat, batch_size=16)
+    return out.reshape(w.shape)
+
+
+def aligned_zeros(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
+    """``np.zeros`` on a ``align``-byte boundary: :func:`jax.device_put` of such an array on the
+    CPU shares its memory instead of copying it (the CC window store, hundreds of MB)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.zeros(n + align, np.uint8)
+    off = (-buf.ctypes.data) % align
+    return buf[off : off + n].view(dtype).reshape(shape)
 
 
 def _window_indices(box: int, half_width: int) -> np.ndarray:

@@ -111,7 +111,8 @@ def build_data(
             {"taylor": jnp.asarray(padn(np.asarray(cc, np.float32))),
              "taylor_radius": jnp.float32(taylor_radius_px)}
             if taylor_radius_px > 0
-            else {"cc": jnp.asarray(padn(np.asarray(cc, np.float32)))}
+            # device_put: on a CPU an aligned float32 store is shared, not copied
+            else {"cc": jax.device_put(np.ascontiguousarray(padn(np.asarray(cc, np.float32))))}
         ),
         "weight": jnp.asarray(padn(np.asarray(weight, np.float32))),
         "particle_mask": jnp.asarray(mask),

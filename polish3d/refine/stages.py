@@ -210,7 +210,9 @@ def outer_passes(problem: TomogramProblem, state: RefineState) -> None:
     schedule = [float(b) for b in cfg.blur_px] or [0.0]
     if schedule[-1] != 0.0:
         schedule.append(0.0)
-    store = np.zeros((problem.n_pad, f, 2 * hw + 1, 2 * hw + 1), np.float32)  # updated in place
+    # updated in place; the stage-2 data share its memory on a CPU (ccmaps.aligned_zeros), so it
+    # is only written between L-BFGS runs
+    store = ccmaps.aligned_zeros((problem.n_pad, f, 2 * hw + 1, 2 * hw + 1))
     prev = None  # (window centres, their visibility) of the previous pass
     for outer in range(1 if cfg.shift_only else max(cfg.outer, 1)):
         geom = predict(problem, state)
@@ -278,6 +280,7 @@ def _window_lbfgs(problem, state, outer: int, params, data, recomputed: int, t_c
     iterations, looser tolerance). Returns the parameters and the last run's record."""
     cfg, cc = problem.config, data["cc"]
     for blur in schedule:
+        data["cc"] = cc  # (the previous low-passed copy is freed before the next is made)
         data["cc"] = ccmaps.blur_windows(cc, blur) if blur > 0 else cc
         if problem.options.deformation is not None:  # the shrinkage's scale, once per run
             data["deformation_kappa"] = deformation.shrinkage_scale(data["cc"], data["weight"])
