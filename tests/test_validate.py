@@ -217,6 +217,24 @@ def test_mirror_of_a_prepared_reference_is_the_prepared_mirror_image():
     np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
 
 
+def test_mirror_image_slice_is_the_slice_at_the_z_reversed_rotation():
+    """The reference checks slice the mirror image ``mirror_z`` at ``R`` as the reference itself
+    at ``R·diag(1, 1, −1)`` (one CC pass for both)."""
+    from scipy.spatial.transform import Rotation
+
+    from polish3d.imaging import central_slice, prepare_reference
+
+    rng = np.random.default_rng(4)
+    vol = rng.normal(size=(16, 16, 16)).astype(np.float32)
+    refs = np.stack([prepare_reference(vol, 16)] * 2)
+    mirrored = validate.mirror_z(refs)[0]
+    for r in Rotation.random(4, random_state=3).as_matrix():
+        a = np.asarray(central_slice(mirrored, r, 16))
+        b = np.asarray(central_slice(refs[0], r * [1.0, 1.0, -1.0], 16))
+        np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+        assert np.abs(a - np.asarray(central_slice(refs[0], r, 16))).max() > 0.1 * np.abs(a).max()
+
+
 def test_reference_messages():
     """Mirror fits better → wrong hand; little gain above the cut while the low band fits → the
     reference only matches at low resolution; a good reference → nothing."""

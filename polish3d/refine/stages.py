@@ -521,18 +521,18 @@ def _reference_checks(problem: TomogramProblem, geom: PairGeometry, n_max: int =
     sub = sub[geom.visible[sub].sum(axis=1) >= 3]
     if sub.size < 3:
         return {"particles": int(sub.size)}
-    g = geom.subset(sub)
+    m = sub.size
+    # the pairs twice: as they are, and with the particles' z axis reversed — the mirror image
+    # z → −z of the reference sliced at R is the reference sliced at R·diag(1, 1, −1): one pass
+    g = geom.subset(np.concatenate([sub, sub]))
+    g = dataclasses.replace(g, cam_rot=np.concatenate([g.cam_rot[:m], g.cam_rot[m:] * [1.0, 1.0, -1.0]]))
     w = np.asarray(problem.const.weights)
     k_max = likelihood.spectrum_support(w * np.asarray(problem.const.dose), cfg.box)
-    mirrored = dataclasses.replace(problem.const, refs=validate_mod.mirror_z(problem.const.refs))
-
-    def summed(const, low_radius=None):  # (n, columns): the particles' CC summed over tilts
-        m = likelihood.compute_taylor(problem.stack, g, const, box=cfg.box, chunk=problem.chunk,
-                                      order=0, low_radius=low_radius)[: sub.size]
-        return np.where(g.visible[..., None], m, 0.0).sum(axis=1)
-
-    # the reference's CC and its low band from one spectrum per pair; the mirror's from another
-    (own, low_cc), mirror = summed(problem.const, 0.5 * k_max).T, summed(mirrored)[:, 0]
+    cc = likelihood.compute_taylor(problem.stack, g, problem.const, box=cfg.box, chunk=problem.chunk,
+                                   order=0, low_radius=0.5 * k_max)[: 2 * m]
+    summed = np.where(g.visible[..., None], cc, 0.0).sum(axis=1)  # (2m, 2): over the particles' tilts
+    # the reference's CC and its low band from one spectrum per pair; the mirror's
+    own, low_cc, mirror = summed[:m, 0], summed[:m, 1], summed[m:, 0]
 
     def t(values):
         return float(validate_mod.t_statistic(values[:, None], np.ones((values.size, 1), bool))[0][0])
@@ -541,18 +541,23 @@ def _reference_checks(problem: TomogramProblem, geom: PairGeometry, n_max: int =
             "low_band_z": t(low_cc), "cut_ang": float(cfg.box * problem.ts.pixel_size_ang / (0.5 * k_max))}
 
 
+#: radius (px) of the even/odd-tilt position searches; the cost grows with its cube
+HALF_SEARCH_RADIUS_PX = 10
+
+
 def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, geom: PairGeometry,
                          n_max: int = 48) -> np.ndarray:
     """``(m,)`` whether each of up to ``n_max`` particles (evenly spread) is found at the same 3D
     place by independent searches in the even and in the odd tilts, at the refined tilt geometry
     (``state``, predicted as ``geom``; :func:`polish3d.refine.validate.half_positions`; search
-    radius ``r``, at least 10 px so that chance agreement stays near 1 %, at most ``s/2 − 2``)."""
+    radius 10 px, at most ``s/2 − 2``: chance agreement within 3 px ~1 %; a matching particle is
+    found at the refined position, the centre of the search)."""
     cfg = problem.config
     sub = _spread(problem.particles.n_particles, n_max)
     sub = sub[geom.visible[sub].sum(axis=1) >= 6]  # both halves need tilts
     if sub.size == 0:
         return np.zeros(0, bool)
-    radius = int(min(cfg.box // 2 - 2, max(np.ceil(cfg.r), 10)))
+    radius = int(min(cfg.box // 2 - 2, HALF_SEARCH_RADIUS_PX))
     # the outer passes' window width when it is wide enough (their compiled CC function serves)
     half_width = problem.half_width_px if problem.half_width_px >= radius else radius
     win, _ = ccmaps.compute_cc_windows(
