@@ -78,7 +78,7 @@ def _margins(fig, right_in: float | None = None, top_in: float | None = None):
 def _png(fig) -> str:
     plt = _plt()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, pil_kwargs={"compress_level": 1})  # fast to encode
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
