@@ -453,7 +453,7 @@ def exact_passes(problem: TomogramProblem, state: RefineState) -> tuple | None:
 
         params, info = optimise.minimise(
             params, data, problem.options, free_keys=free_exact, callback=cb_exact,
-            max_iter=cfg.it, ftol=cfg.exact_ftol, move_tol_px=cfg.move_tol_px,
+            max_iter=cfg.it, ftol=cfg.exact_ftol, move_tol_px=cfg.exact_move_tol_px,
         )
         moved = _adopt(problem, state, params, data, geom.u_px, geom.visible)
         step = _pass_record(index, int(geom.visible.sum()), 0.0, t_cc, info, exact=True, **moved)

@@ -74,10 +74,12 @@ class AlignConfig:
             the peak may have left the window's comfortable range).
         tol_rms_px, tol_max_px: stop the outer iterations once the projected positions move less
             than this (RMS and maximum over particles × tilts, pixels) in one outer iteration.
-        move_tol_px: polish3d: an L-BFGS run also stops once the predicted 2D positions moved
-            less than this (RMS over the visible pairs, pixels) in its last 50 iterations (0: off;
-            :func:`polish3d.refine.optimise.minimise`). What remains is a creep along directions
-            the data hardly determine (thousands of iterations with ``--deformation``).
+        move_tol_px: polish3d: an L-BFGS run on the CC windows also stops once the predicted 2D
+            positions moved less than this (RMS over the visible pairs, pixels) in its last 50
+            iterations (0: off; :func:`polish3d.refine.optimise.minimise`). What remains is a
+            creep along directions the data hardly determine (thousands of iterations with
+            ``--deformation``), which the final stage settles.
+        exact_move_tol_px: the same for the final stage's L-BFGS runs.
         exact_passes: polish3d: after the outer iterations, up to this many passes of the final
             stage (0: off): every visible pair's exact CC (the trigonometric polynomial the CC
             window samples, i.e. sub-pixel shifts as Fourier phase ramps) is expanded to 4th
@@ -127,7 +129,8 @@ class AlignConfig:
     recompute_px: float = -1.0
     tol_rms_px: float = 0.05
     tol_max_px: float = 1.0
-    move_tol_px: float = 0.02
+    move_tol_px: float = 0.05
+    exact_move_tol_px: float = 0.02
     exact_passes: int = 2
     exact_ftol: float = 1e-10
     exact_radius_px: float = 0.5
