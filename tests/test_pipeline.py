@@ -233,3 +233,10 @@ def test_particles_star_as_in_parts(project):
     assert proc.returncode == 2
     assert "tomogram set" in proc.stderr
     assert (root / job / "RELION_JOB_EXIT_FAILURE").is_file()
+
+
+def test_python_dash_m_runs_the_command_line():
+    """``python -m polish3d`` is the ``polish3d`` command (for environments without the script)."""
+    out = subprocess.run([sys.executable, "-m", "polish3d", "--version"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().startswith("polish3d ")
