@@ -426,6 +426,43 @@ def test_trajectories_round_trip(tmp_path):
     assert read_star(tmp_path / "motion.star")["general"] == {"rlnParticleNumber": 24}
 
 
+def test_trajectories_direct_reader_equals_the_general_one(tmp_path, monkeypatch):
+    """motion.star as RELION writes it is parsed directly; the general (starfile) reader gives the
+    same arrays, and what the direct parser does not recognise still reads (or fails) as before."""
+    from polish3d.io.relion import motion
+
+    src = SYN / "Polish/job050/motion.star"
+    assert motion._read_plain_trajectories(src) is not None
+    direct = read_trajectories(src)
+    with monkeypatch.context() as m:
+        m.setattr(motion, "_read_plain_trajectories", lambda p: None)
+        general = read_trajectories(src)
+    assert list(direct) == list(general) and len(direct) == 24
+    for k in general:
+        np.testing.assert_array_equal(direct[k], general[k])
+    # an extra string column: not plain numbers, read by the general reader, same trajectories
+    text = src.read_text()
+    lines = text.splitlines()
+    labelled = []
+    for line in lines:
+        labelled.append(line)
+        if line.strip().startswith("_rlnOriginZAngst"):
+            labelled.append("_rlnNote #4")
+    rows = [f"{line} note" if line.strip() and line.split()[0].lstrip("-")[:1].isdigit() else line
+            for line in labelled]
+    (tmp_path / "note.star").write_text("\n".join(rows) + "\n")
+    assert motion._read_plain_trajectories(tmp_path / "note.star") is None
+    noted = read_trajectories(tmp_path / "note.star")
+    assert list(noted) == list(general)
+    np.testing.assert_allclose(noted["TS_01/1"], general["TS_01/1"])
+    # a non-finite value: the general reader names the column
+    k = next(i for i, line in enumerate(lines) if line.strip() and line.split()[0].lstrip("-")[:1].isdigit())
+    lines[k] = "nan " + " ".join(lines[k].split()[1:])
+    (tmp_path / "bad.star").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match="rlnOriginXAngst"):
+        read_trajectories(tmp_path / "bad.star")
+
+
 def test_particle_set_write_round_trip(tmp_path):
     ps = read_particle_set(SYN / "input/particles.star")
     s = read_tomogram_set(SYN / "input/tomograms.star", project_dir=SYN / "input")

@@ -179,18 +179,19 @@ def plot_trajectories(
         title: figure title (e.g. the tomogram name).
     """
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure  # no pyplot: nothing global is touched
 
     x = np.asarray(positions_px, np.float64)
     t = np.asarray(trajectories_px, np.float64)[:, np.asarray(dose_order)]
     pts = x[:, None, :] + scale * t  # (N, F, 3) by dose rank
     n, f = pts.shape[:2]
     rms = float(np.sqrt(np.mean(np.sum(t**2, -1)))) if t.size else 0.0
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
-    cmap = plt.get_cmap("viridis")
+    fig = Figure(figsize=(15, 5.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    cmap = matplotlib.colormaps["viridis"]
     for ax, (i, j), lab in zip(axes, ((0, 1), (0, 2), (1, 2)), ("XY", "XZ", "YZ"), strict=True):
         if f > 1 and n:
             seg = np.stack([pts[:, :-1][..., [i, j]], pts[:, 1:][..., [i, j]]], axis=2).reshape(-1, 2, 2)
@@ -210,10 +211,9 @@ def plot_trajectories(
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp.png", dir=p.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, pil_kwargs={"compress_level": 1})  # fast to encode
         publish(tmp, p)
     finally:
-        plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return p
