@@ -248,12 +248,19 @@ def test_cropped_cc_kernel_equals_the_full_one():
             f32(Rotation.random(n, random_state=2).as_matrix()), f32(rng.normal(0, 20, n)),
             jnp.asarray(np.arange(n) % n_tilts, jnp.int32), jnp.int32(2), f32(np.ones(n)))
     blur = f32(np.exp(-np.arange(box * sh).reshape(box, sh) / 300.0))
-    windows = {}
+    maps, windows, sums = {}, {}, {}
     for k_max in (None, k):
         g = ccmaps.spectra(*args, ccmaps.pass_weights(const, blur, k_max), const, k_max)
-        windows[k_max] = [np.asarray(a) for a in ccmaps._cc_windows(g, args[4], box, 6, n_tilts, True)]
-    for a, b in zip(windows[None], windows[k]):
-        np.testing.assert_allclose(b, a, atol=2e-5 * np.abs(a).max())
+        maps[k_max] = np.asarray(ccmaps._full_maps_jit(g, box))
+        windows[k_max] = np.asarray(ccmaps._cc_windows(g, box, 6))
+        sums[k_max] = np.asarray(ccmaps._full_maps_jit(ccmaps._tilt_sums(g, args[4], n_tilts), box))
+    for got in (maps, windows, sums):
+        np.testing.assert_allclose(got[k], got[None], atol=2e-5 * np.abs(got[None]).max())
+    # windows: the maps around displacement 0; tilt sums: the maps' sums (irfft is linear)
+    np.testing.assert_allclose(windows[k][:, 6, 6], maps[k][:, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(windows[k][:, 0, 7], maps[k][:, -6, 1], rtol=1e-6)
+    by_tilt = np.stack([maps[k][np.arange(n) % n_tilts == j].sum(0) for j in range(n_tilts)])
+    np.testing.assert_allclose(sums[k], by_tilt, atol=1e-4 * np.abs(by_tilt).max())
     ones = f32(np.ones((box, sh)))
     full = ccmaps.spectra(*args, ccmaps.pass_weights(const, ones, None), const, None)
     want = np.asarray(likelihood._taylor_from_spectra(full, box, 4, k))

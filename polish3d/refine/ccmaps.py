@@ -39,6 +39,7 @@ __all__ = [
     "blur_windows",
     "cc_spectra",
     "cc_support",
+    "cc_tilt_sums",
     "compute_cc_windows",
     "frequency_weights",
     "gather_pairs",
@@ -286,20 +287,28 @@ def cc_support(const: CCInputs, box: int) -> int | None:
     return k_used if k_used < box // 2 else None
 
 
-@functools.partial(jax.jit, static_argnames=("box", "half_width", "n_tilts", "want_sum"))
-def _cc_windows(g, tilt, box: int, half_width: int, n_tilts: int, want_sum: bool):
-    """CC windows ``(P, D, D)`` from the spectra of :func:`spectra` (cropped or not) and, if
-    ``want_sum``, the per-tilt sum of the full maps ``(F, s, s)``."""
-    idx = _window_indices(box, half_width)
+def _full_maps(g, box: int):
+    """Real CC maps ``(..., s, s)`` (zero displacement at index 0, periodic) from spectra of
+    :func:`spectra`, cropped or not (traceable)."""
     if g.shape[-2] != box and box % 2 == 0:  # cropped: put back modulated, one pad (no reordering)
         cc = jnp.fft.irfft2(imaging.uncrop_half(g, box, modulated=True), s=(box, box))
-        cc = cc * imaging.row_signs(box)[:, None]  # undo the modulation (fused with the reads)
-    else:
-        cc = jnp.fft.irfft2(g if g.shape[-2] == box else imaging.uncrop_half(g, box), s=(box, box))
-    win = cc[..., idx[:, None], idx[None, :]]
-    if not want_sum:  # the per-tilt sum doubles the cost of the inverse-FFT stage
-        return win, None
-    return win, jax.ops.segment_sum(cc, tilt, num_segments=n_tilts)
+        return cc * imaging.row_signs(box)[:, None]  # undo the modulation (fused with the reads)
+    return jnp.fft.irfft2(g if g.shape[-2] == box else imaging.uncrop_half(g, box), s=(box, box))
+
+
+@functools.partial(jax.jit, static_argnames=("box", "half_width"))
+def _cc_windows(g, box: int, half_width: int):
+    """CC windows ``(P, D, D)`` from the spectra of :func:`spectra` (cropped or not)."""
+    idx = _window_indices(box, half_width)
+    return _full_maps(g, box)[..., idx[:, None], idx[None, :]]
+
+
+@functools.partial(jax.jit, static_argnames=("n_tilts",))
+def _tilt_sums(g, tilt, n_tilts: int):
+    return jax.ops.segment_sum(g, tilt, num_segments=n_tilts)
+
+
+_full_maps_jit = jax.jit(_full_maps, static_argnames=("box",))
 
 
 def padded_pair_chunks(stack, u, pi, ti, batch: int, size: int):
@@ -381,10 +390,9 @@ def compute_cc_windows(
     half_width: int,
     chunk: int = 8,
     blur_px: float = 0.0,
-    want_sum: bool = False,
     pairs: np.ndarray | None = None,
     out: np.ndarray | None = None,
-):
+) -> np.ndarray:
     """CC windows of the visible particle–tilt pairs of a tomogram.
 
     Only visible pairs are computed (the windows of the others are 0), in batches of
@@ -399,14 +407,12 @@ def compute_cc_windows(
         half_width: window half-width ``hw`` in pixels (the window is ``2·hw+1`` wide).
         chunk: batch size in particles' worth of pairs (``chunk × F`` pairs per call and device).
         blur_px: Gaussian low-pass of the CC maps (standard deviation in pixels; 0: none).
-        want_sum: also return the sum over particles of the full CC maps ``(F, s, s)`` (zero
-            displacement at index 0, periodic): the per-tilt shift search.
         pairs: optional boolean ``(N, F)``: compute only these pairs (and visible).
         out: optional ``(≥N, F, D, D)`` array to write into (pairs not computed are kept; rows
             beyond ``N``, e.g. padding, are left alone).
 
     Returns:
-        ``(N, F, D, D)`` float32 windows and the sum (or ``None``).
+        ``(N, F, D, D)`` float32 windows (``out`` if given).
     """
     n, f = geom.u_px.shape[:2]
     d = 2 * half_width + 1
@@ -414,7 +420,6 @@ def compute_cc_windows(
     blur = np.exp(-2.0 * (np.pi * blur_px * rad / box) ** 2).astype(np.float32)
     if out is None:
         out = np.zeros((n, f, d, d), np.float32)
-    total = np.zeros((f, box, box), np.float64) if want_sum else None
     visible = np.asarray(geom.visible, bool)
     todo = visible if pairs is None else (visible & pairs)
     if pairs is not None:
@@ -423,13 +428,29 @@ def compute_cc_windows(
     blur, const = devices.replicate((jnp.asarray(blur), const))  # (on every device, if several)
     batches = pair_batches(stack, geom, todo, box=box, chunk=chunk)
     weight = pass_weights(const, blur, k_max)
-
-    def windows(args):
-        g = spectra(*args, weight, const, k_max)
-        return _cc_windows(g, args[4], box, half_width, f, want_sum)
-
-    for p_b, t_b, m, (w, t) in one_behind((p_b, t_b, m, windows(args)) for p_b, t_b, m, args in batches):
+    for p_b, t_b, m, w in one_behind(
+        (p_b, t_b, m, _cc_windows(spectra(*args, weight, const, k_max), box, half_width))
+        for p_b, t_b, m, args in batches
+    ):
         out[p_b, t_b] = np.asarray(w)[:m]
-        if want_sum:
-            total += np.asarray(t, np.float64)
-    return out, total
+    return out
+
+
+def cc_tilt_sums(stack, geom: PairGeometry, const: CCInputs, *, box: int, chunk: int = 8) -> np.ndarray:
+    """Per-tilt sums ``(F, s, s)`` (float64) of the full CC maps of the visible pairs of ``geom``
+    (zero displacement at index 0, periodic): the per-tilt shift search.
+
+    The sum of the maps is the map of the summed spectra: spectra are summed per tilt as the
+    batches come, and each tilt needs one inverse FFT instead of one per pair.
+    """
+    f = geom.u_px.shape[1]
+    k_max = cc_support(const, box)
+    const = devices.replicate(const)
+    weight = pass_weights(const, jnp.ones((box, box // 2 + 1), jnp.float32), k_max)
+    total = 0.0
+    for _, _, _, args in pair_batches(stack, geom, np.asarray(geom.visible, bool), box=box, chunk=chunk):
+        g = spectra(*args, weight, const, k_max)
+        total = total + np.asarray(_tilt_sums(g, args[4], f), np.complex128)
+    if np.isscalar(total):
+        return np.zeros((f, box, box))
+    return np.asarray(_full_maps_jit(jnp.asarray(total, jnp.complex64), box), np.float64)

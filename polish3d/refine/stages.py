@@ -148,9 +148,9 @@ def coarse_shift_search(problem: TomogramProblem, state: RefineState) -> np.ndar
     t0 = time.perf_counter()
     cfg, n, f = problem.config, problem.particles.n_particles, problem.ts.n_tilts
     sub = _spread(n, cfg.coarse_particles)
-    _, total = ccmaps.compute_cc_windows(
+    total = ccmaps.cc_tilt_sums(
         problem.stack, predict(problem, state).subset(sub), problem.coarse_const,
-        box=problem.coarse_box_px, half_width=problem.half_width_px, chunk=problem.chunk, want_sum=True,
+        box=problem.coarse_box_px, chunk=problem.chunk,
     )
     shifts = np.stack([_parabolic_peak(total[j]) for j in range(f)])
     # accept a tilt's shift only where the summed CC has a clear peak (robust z-score)
@@ -393,7 +393,7 @@ def _rescue_search(problem: TomogramProblem, projections: np.ndarray, geom: Pair
     """
     box = problem.config.box
     hw = box // 2 - 2
-    win, _ = ccmaps.compute_cc_windows(
+    win = ccmaps.compute_cc_windows(
         problem.stack, geom, problem.const, box=box, half_width=hw, chunk=problem.chunk,
     )
     g = np.arange(-hw, hw + 1, dtype=np.float64)
@@ -560,7 +560,7 @@ def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, geom: Pai
     radius = int(min(cfg.box // 2 - 2, HALF_SEARCH_RADIUS_PX))
     # the outer passes' window width when it is wide enough (their compiled CC function serves)
     half_width = problem.half_width_px if problem.half_width_px >= radius else radius
-    win, _ = ccmaps.compute_cc_windows(
+    win = ccmaps.compute_cc_windows(
         problem.stack, geom.subset(sub), problem.const, box=cfg.box, half_width=half_width,
         chunk=problem.chunk,
     )
