@@ -19,17 +19,13 @@ from polish3d.imaging.extract import circle_mask, extract_observation, extract_w
 from polish3d.imaging.fourier import (
     centre_phase_2d,
     centre_phase_3d,
-    crop_half,
     freq_grid_2d,
     irfft2c,
     radial_expand,
     radial_index,
     radius_2d,
     rfft2c,
-    rfft2c_cropped,
-    row_signs,
     shift_phase,
-    uncrop_half,
 )
 from polish3d.imaging.noise import noise_power, noise_spectra, radial_average, tile_corners
 from polish3d.imaging.projection import central_slice, nyquist_mask, predict_particle
@@ -46,7 +42,6 @@ __all__ = [
     "centre_phase_2d",
     "centre_phase_3d",
     "circle_mask",
-    "crop_half",
     "ctf_2d",
     "defocus_at_depth",
     "dose_weights",
@@ -69,10 +64,7 @@ __all__ = [
     "radial_index",
     "radius_2d",
     "rfft2c",
-    "rfft2c_cropped",
-    "row_signs",
     "shift_phase",
     "taper_weights",
     "tile_corners",
-    "uncrop_half",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 
 from polish3d import imaging
 from polish3d.imaging.extract import observe_windows
-from polish3d.imaging.fourier import radius_2d
+from polish3d.imaging.fourier import crop_half, radius_2d, row_signs, uncrop_half
 from polish3d.refine import devices
 
 __all__ = [
@@ -238,7 +238,7 @@ def cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, weight, const, 
     ``tilt (P,)`` file index, ``half`` 1 or 2, ``valid (P,)`` 0 for padding, ``weight`` the
     per-tilt weights of :func:`pass_weights` (traceable; not jitted here). With ``k_max`` (static,
     ``< s/2``; the weights must be 0 beyond it, see :func:`cc_support`) only ``|kx|, |ky| ≤ k_max``
-    are computed: ``g (P, 2K+1, K+1)`` in the layout of :func:`polish3d.imaging.crop_half` (the
+    are computed: ``g (P, 2K+1, K+1)`` in the layout of :func:`polish3d.imaging.fourier.crop_half` (the
     reference slice and the CTF, most of the cost, on that grid alone).
     """
     box = windows.shape[-1]
@@ -267,7 +267,7 @@ def pass_weights(const: CCInputs, blur, k_max: int | None = None) -> jax.Array:
     (``(s, s//2+1)``), ``(F, s, s//2+1)``, cropped to ``k_max`` if given (computed once per pass:
     inside the pairs' computation the crop would be redone for every pair)."""
     w = const.weights * const.dose * blur[None]
-    return w if k_max is None else imaging.crop_half(w, k_max)
+    return w if k_max is None else crop_half(w, k_max)
 
 
 #: :func:`cc_spectra` compiled on its own. Its consumers (the inverse FFT of the CC windows, the
@@ -291,9 +291,9 @@ def _full_maps(g, box: int):
     """Real CC maps ``(..., s, s)`` (zero displacement at index 0, periodic) from spectra of
     :func:`spectra`, cropped or not (traceable)."""
     if g.shape[-2] != box and box % 2 == 0:  # cropped: put back modulated, one pad (no reordering)
-        cc = jnp.fft.irfft2(imaging.uncrop_half(g, box, modulated=True), s=(box, box))
-        return cc * imaging.row_signs(box)[:, None]  # undo the modulation (fused with the reads)
-    return jnp.fft.irfft2(g if g.shape[-2] == box else imaging.uncrop_half(g, box), s=(box, box))
+        cc = jnp.fft.irfft2(uncrop_half(g, box, modulated=True), s=(box, box))
+        return cc * row_signs(box)[:, None]  # undo the modulation (fused with the reads)
+    return jnp.fft.irfft2(g if g.shape[-2] == box else uncrop_half(g, box), s=(box, box))
 
 
 @functools.partial(jax.jit, static_argnames=("box", "half_width"))

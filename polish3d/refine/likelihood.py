@@ -93,7 +93,7 @@ def _taylor_from_spectra(g, box: int, order: int, k_max: int | None = None, radi
     ``m_ab = Re Σ_k c_k g(k) (iθx)^a (iθy)^b / (a! b! s²)``, ``θ = 2πk/s`` (Nyquist excluded;
     with ``k_max`` only ``|kx|, |ky| ≤ k_max``, where the weights are non-zero; with ``radius``
     only ``|k| ≤ radius``: the CC of those frequencies alone). ``cropped``: ``g`` holds only
-    ``|kx|, |ky| ≤ k_max`` (``(P, 2K+1, K+1)``, :func:`polish3d.imaging.crop_half`)."""
+    ``|kx|, |ky| ≤ k_max`` (``(P, 2K+1, K+1)``, :func:`polish3d.imaging.fourier.crop_half`)."""
     import math
 
     kx, ky = (np.asarray(a, np.float64) for a in imaging.freq_grid_2d(box, k_max if cropped else None))

@@ -210,8 +210,7 @@ def outer_passes(problem: TomogramProblem, state: RefineState) -> None:
     schedule = [float(b) for b in cfg.blur_px] or [0.0]
     if schedule[-1] != 0.0:
         schedule.append(0.0)
-    # updated in place; the stage-2 data share its memory on a CPU (ccmaps.aligned_zeros), so it
-    # is only written between L-BFGS runs
+    # updated in place between L-BFGS runs; the stage-2 data share its memory on a CPU
     store = ccmaps.aligned_zeros((problem.n_pad, f, 2 * hw + 1, 2 * hw + 1))
     prev = None  # (window centres, their visibility) of the previous pass
     for outer in range(1 if cfg.shift_only else max(cfg.outer, 1)):
@@ -541,10 +540,6 @@ def _reference_checks(problem: TomogramProblem, geom: PairGeometry, n_max: int =
             "low_band_z": t(low_cc), "cut_ang": float(cfg.box * problem.ts.pixel_size_ang / (0.5 * k_max))}
 
 
-#: radius (px) of the even/odd-tilt position searches; the cost grows with its cube
-HALF_SEARCH_RADIUS_PX = 10
-
-
 def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, geom: PairGeometry,
                          n_max: int = 48) -> np.ndarray:
     """``(m,)`` whether each of up to ``n_max`` particles (evenly spread) is found at the same 3D
@@ -557,7 +552,7 @@ def _tilt_half_agreement(problem: TomogramProblem, state: RefineState, geom: Pai
     sub = sub[geom.visible[sub].sum(axis=1) >= 6]  # both halves need tilts
     if sub.size == 0:
         return np.zeros(0, bool)
-    radius = int(min(cfg.box // 2 - 2, HALF_SEARCH_RADIUS_PX))
+    radius = int(min(cfg.box // 2 - 2, validate_mod.HALF_SEARCH_RADIUS_PX))
     # the outer passes' window width when it is wide enough (their compiled CC function serves)
     half_width = problem.half_width_px if problem.half_width_px >= radius else radius
     win = ccmaps.compute_cc_windows(

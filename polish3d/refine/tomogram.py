@@ -130,11 +130,11 @@ class AlignConfig:
     tol_rms_px: float = 0.05
     tol_max_px: float = 1.0
     move_tol_px: float = 0.05
-    exact_move_tol_px: float = 0.02
     exact_passes: int = 2
     exact_ftol: float = 1e-10
     exact_radius_px: float = 0.5
     exact_tol_max_px: float = 0.1
+    exact_move_tol_px: float = 0.02
     validate: bool = True
     validate_z: tuple[float, float, float] = (3.0, 3.5, 3.0)  # signal, worse, improved
     aniso: bool = False

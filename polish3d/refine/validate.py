@@ -63,6 +63,9 @@ LOW_RESOLUTION_RATIO = 1 / 3
 
 #: particles (evenly spread) whose held-out and input CC judge the tilts
 MAX_JUDGED = 256
+#: radius (px) of the even/odd-tilt position searches (:func:`half_positions`); the cost grows
+#: with its cube, chance agreement within 3 px is ~1 %
+HALF_SEARCH_RADIUS_PX = 10
 
 MISMATCH_MESSAGE = (
     "the reference does not match these particles: check the reference map, its pixel size and "
