@@ -6,6 +6,9 @@ Layouts (``s`` = box size in pixels, ``sh = s // 2 + 1``):
   order (``0, 1, …, s/2−1, −s/2, …, −1``) — exactly ``numpy.fft.rfft2`` of a ``[y, x]`` image.
 * **3D half spectrum** ``(s, s, sh)`` indexed ``[kz, ky, kx]`` — ``rfftn`` of a ``[z, y, x]``
   volume.
+* **Cropped 2D half spectrum** ``(2K+1, K+1)`` (:func:`crop_half`): only ``|kx|, |ky| ≤ K``
+  (``K < s/2``), rows ``ky = −K..K`` in increasing order, columns ``kx = 0..K``; what the CC
+  stage computes where its frequency weights are non-zero.
 * Frequencies are integers in cycles per box (``k / (s · px)`` in Å⁻¹).
 * **Phase origin at the box centre** ``c = s // 2``: a centred transform is
   ``F_c(k) = Σ_x f(x) · exp(−2πi k·(x − c)/s)``, i.e. ``exp(+2πi k·c/s) · rfft`` (``(−1)^k``
