@@ -112,9 +112,9 @@ def _read_plain_trajectories(p: Path) -> tuple[dict[str, np.ndarray], str] | Non
                     return None
                 pairs[parts[0][1:]] = parts[1]
                 i = skip(i + 1)
-            if name != "general" and pairs:
+            if name != "general":  # an empty block or pairs: the general reader decides
                 return None
-            blocks[name] = pairs if name == "general" else np.zeros((0, 3))
+            blocks[name] = pairs
     general = blocks.pop("general", None)
     if not isinstance(general, dict) or "rlnParticleNumber" not in general:
         return None
