@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _side_by_side import POLISH3D_MAIN
+from _side_by_side import POLISH3D_MAIN, timed_process
 
 
 def _bare_fft_seconds(n_pairs: int, box: int, passes: int) -> float:
@@ -60,12 +58,8 @@ def run_one(work: Path, n: int, box: int, image: int, tilts_step: float, use_cli
         "align", "--i", "optimisation_set.star", "--b", str(box), "--r", "20", "--j", "2",
         "--o", "Polish/bench/",
     ]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=sim, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # this run's own peak (GNU time): the children's maximum would carry earlier, larger runs
+    wall, peak_mib = timed_process(cmd, sim, sim / "bench_align.log")
     metrics = json.loads((out / "metrics.json").read_text())
     tomo = next(iter(metrics["tomograms"].values()))
     cc_s = sum(s["cc_seconds"] for s in tomo["outer"])
@@ -89,7 +83,7 @@ def run_one(work: Path, n: int, box: int, image: int, tilts_step: float, use_cli
         "cc_passes": passes,
         "bare_fft_s": _bare_fft_seconds(n * f, box, passes),
         "lbfgs_s": lbfgs_s,
-        "peak_rss_mib": usage.ru_maxrss / 1024.0,
+        "peak_rss_mib": peak_mib,
         "rms_px": sc["rms"],
         "median_px": sc["median"],
         "p95_px": sc["p95"],
