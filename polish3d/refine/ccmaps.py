@@ -46,6 +46,8 @@ __all__ = [
     "observe_windows",
     "one_behind",
     "pair_batches",
+    "pass_weights",
+    "spectra",
 ]
 
 
