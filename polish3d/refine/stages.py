@@ -140,13 +140,11 @@ def predict(problem: TomogramProblem, state: RefineState) -> PairGeometry:
 def coarse_shift_search(problem: TomogramProblem, state: RefineState) -> np.ndarray:
     """Per-tilt 2D shifts ``(F, 2)`` px, added to the state's projections.
 
-    The full CC maps of the ``config.coarse_particles`` particles nearest the tomogram's centre
-    axis (an in-plane rotation error moves the others' peaks away from the shift: ±50 px at the
-    edge of a 4096² image for 1.4°), in the enlarged box ``coarse_box_px``, are summed per tilt;
-    a tilt's shift is the sub-pixel peak of its sum,
-    applied only where that peak stands ``config.coarse_min_z`` robust standard deviations above
-    the map's median (0 for tilts outside the dose range, and with ``const_s``).
-    """
+    The full CC maps (box ``coarse_box_px``) of the ``config.coarse_particles`` particles nearest
+    the centre axis (an in-plane rotation error moves the others' peaks off: ±50 px at the edge
+    of a 4096² image for 1.4°) are summed per tilt; a tilt's shift is the sub-pixel peak of its
+    sum, applied where it stands ``config.coarse_min_z`` robust standard deviations above the
+    map's median (0 for tilts outside the dose range, and with ``const_s``)."""
     t0 = time.perf_counter()
     cfg, f = problem.config, problem.ts.n_tilts
     centre = geometry.tomogram_centre_px(problem.ts.tomo_size_px)[:2]
