@@ -118,21 +118,35 @@ def reference_deformation(deformation, image_size_px, points_px, tilt: int):
     raise ValueError(f"unknown deformation model {deformation.model!r}")
 
 
-def tiny_refinement_problem(directory, n_particles: int, image_px: int, tilt_step_deg: float):
-    """A one-tomogram simulated set (±30°, box 32 at 16 Å/px, seed 3) and what
-    ``refine_tomogram`` takes: ``(sim, stack, refs_ft, envelope)``."""
-    from polish3d.io import mrc
-    from polish3d.refine import tomogram
+#: pixel size (Å) of :func:`tiny_simulation`
+TINY_PIXEL_ANG = 16.0
+
+
+def tiny_simulation(directory, *, n_particles: int, image_px: int, tilt_step_deg: float,
+                    n_tomograms: int = 1, n_unlisted: int = 0, seed: int = 3):
+    """A small simulated set in ``directory/sim`` (±30°, box 32 at 16 Å/px, 48 px thick, shift
+    errors 2 px, position errors 1.5 px); returns the simulation."""
     from polish3d.simulate import SimulationConfig, simulate
 
     cfg = SimulationConfig(
-        n_tomograms=1, n_particles=n_particles, n_unlisted=2, image_size_px=(image_px, image_px),
-        tilt_min_deg=-30, tilt_max_deg=30, tilt_step_deg=tilt_step_deg, tomo_thickness_px=48,
-        pixel_size_ang=16.0, box_px=32, shift_err_px=2.0, position_err_px=1.5, seed=3,
+        n_tomograms=n_tomograms, n_particles=n_particles, n_unlisted=n_unlisted,
+        image_size_px=(image_px, image_px), tilt_min_deg=-30, tilt_max_deg=30,
+        tilt_step_deg=tilt_step_deg, tomo_thickness_px=48, pixel_size_ang=TINY_PIXEL_ANG, box_px=32,
+        shift_err_px=2.0, position_err_px=1.5, seed=seed,
     )
-    sim = simulate(cfg, Path(directory) / "sim")
+    return simulate(cfg, Path(directory) / "sim")
+
+
+def tiny_refinement_problem(directory, n_particles: int, image_px: int, tilt_step_deg: float):
+    """A one-tomogram simulated set (:func:`tiny_simulation`, 2 unlisted particles, seed 3) and
+    what ``refine_tomogram`` takes: ``(sim, stack, refs_ft, envelope)``."""
+    from polish3d.io import mrc
+    from polish3d.refine import tomogram
+
+    sim = tiny_simulation(directory, n_particles=n_particles, image_px=image_px,
+                          tilt_step_deg=tilt_step_deg, n_unlisted=2)
     stack = np.asarray(mrc.open_stack(sim.tilt_series[0].image_files[0][0]))
     halves = [np.asarray(mrc.read_map(sim.out_dir / f"reference/half{i}.mrc")[0]) for i in (1, 2)]
     refs, (idx, fsc) = tomogram.prepare_references(*halves, 32)
-    env = tomogram.reference_envelope(idx, fsc, 32, cfg.pixel_size_ang)
+    env = tomogram.reference_envelope(idx, fsc, 32, TINY_PIXEL_ANG)
     return sim, stack, refs, env

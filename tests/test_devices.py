@@ -46,15 +46,10 @@ print("ok")
 
 @pytest.fixture(scope="module")
 def one_tomogram(tmp_path_factory):
-    from polish3d.simulate import SimulationConfig, simulate
+    from _helpers import tiny_simulation
 
-    root = tmp_path_factory.mktemp("devices") / "sim"
-    simulate(SimulationConfig(
-        n_tomograms=1, n_particles=40, n_unlisted=0, image_size_px=(192, 192), tilt_min_deg=-30,
-        tilt_max_deg=30, tilt_step_deg=6, tomo_thickness_px=48, pixel_size_ang=16.0, box_px=32,
-        shift_err_px=2.0, position_err_px=1.5, seed=7,
-    ), root)
-    return root
+    return tiny_simulation(tmp_path_factory.mktemp("devices"), n_particles=40, image_px=192,
+                           tilt_step_deg=6, seed=7).out_dir
 
 
 def _align(project, out: str, env_extra: dict) -> str:

@@ -15,20 +15,9 @@ BOX = 32
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 7-tilt, 16-particle tomogram: its simulation, stack, references and envelope."""
-    from polish3d.io import mrc
-    from polish3d.simulate import SimulationConfig, simulate
+    from _helpers import tiny_refinement_problem
 
-    cfg = SimulationConfig(
-        n_tomograms=1, n_particles=16, n_unlisted=2, image_size_px=(192, 192), tilt_min_deg=-30,
-        tilt_max_deg=30, tilt_step_deg=10, tomo_thickness_px=48, pixel_size_ang=16.0, box_px=BOX,
-        shift_err_px=2.0, position_err_px=1.5, seed=3,
-    )
-    sim = simulate(cfg, tmp_path_factory.mktemp("stages") / "sim")
-    stack = np.asarray(mrc.open_stack(sim.tilt_series[0].image_files[0][0]))
-    halves = [np.asarray(mrc.read_map(sim.out_dir / f"reference/half{i}.mrc")[0]) for i in (1, 2)]
-    refs, (idx, fsc) = tomogram.prepare_references(*halves, BOX)
-    env = tomogram.reference_envelope(idx, fsc, BOX, cfg.pixel_size_ang)
-    return sim, stack, refs, env
+    return tiny_refinement_problem(tmp_path_factory.mktemp("stages"), 16, 192, 10)
 
 
 def _setup(tiny, ts=None, parts=None, **options):

@@ -71,15 +71,10 @@ def test_killed_worker_is_rerun_and_data_error_reported(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_tomograms(tmp_path_factory):
-    from polish3d.simulate import SimulationConfig, simulate
+    from _helpers import tiny_simulation
 
-    root = tmp_path_factory.mktemp("scale") / "sim"
-    simulate(SimulationConfig(
-        n_tomograms=2, n_particles=12, n_unlisted=0, image_size_px=(160, 160), tilt_min_deg=-30,
-        tilt_max_deg=30, tilt_step_deg=10, tomo_thickness_px=48, pixel_size_ang=16.0, box_px=32,
-        shift_err_px=2.0, position_err_px=1.5, seed=5,
-    ), root)
-    return root
+    return tiny_simulation(tmp_path_factory.mktemp("scale"), n_tomograms=2, n_particles=12, image_px=160,
+                           tilt_step_deg=10, seed=5).out_dir
 
 
 def _align_cli(project, out, *extra, env=None):

@@ -48,6 +48,7 @@ __all__ = [
     "pair_batches",
     "pass_weights",
     "spectra",
+    "weight_extent",
 ]
 
 
@@ -264,11 +265,11 @@ def cc_spectra(windows, frac, cam_rot, depth, tilt, half, valid, weight, const, 
 
 
 @functools.partial(jax.jit, static_argnames=("k_max",))
-def pass_weights(const: CCInputs, blur, k_max: int | None = None) -> jax.Array:
-    """The per-tilt weights of :func:`cc_spectra` for one pass: frequency weight × dose × ``blur``
-    (``(s, s//2+1)``), ``(F, s, s//2+1)``, cropped to ``k_max`` if given (computed once per pass:
-    inside the pairs' computation the crop would be redone for every pair)."""
-    w = const.weights * const.dose * blur[None]
+def pass_weights(const: CCInputs, blur=None, k_max: int | None = None) -> jax.Array:
+    """The per-tilt weights of :func:`cc_spectra` for one pass: frequency weight × dose (× ``blur``
+    ``(s, s//2+1)`` if given), ``(F, s, s//2+1)``, cropped to ``k_max`` if given (computed once
+    per pass: inside the pairs' computation the crop would be redone for every pair)."""
+    w = const.weights * const.dose if blur is None else const.weights * const.dose * blur[None]
     return w if k_max is None else crop_half(w, k_max)
 
 
@@ -279,23 +280,30 @@ def pass_weights(const: CCInputs, blur, k_max: int | None = None) -> jax.Array:
 spectra = jax.jit(cc_spectra, static_argnames=("k_max",))
 
 
-def cc_support(const: CCInputs, box: int) -> int | None:
-    """The ``k_max`` for :func:`cc_spectra`: the largest ``|kx|`` or ``|ky|`` where any tilt's
-    weight (frequency weight × dose) is non-zero, or ``None`` when that reaches ``s/2`` (no crop)."""
-    nz = np.any(np.asarray(const.weights) * np.asarray(const.dose) != 0, axis=0)  # (s, sh)
+def weight_extent(weights, box: int) -> int:
+    """The largest ``|kx|`` or ``|ky|`` (Fourier pixels) where any tilt's weight ``(F, s, s//2+1)``
+    is non-zero (0 if none is)."""
+    nz = np.any(np.asarray(weights) != 0, axis=0)  # (s, sh)
     ky = np.abs(np.fft.fftfreq(box) * box).astype(int)
     k = np.maximum(ky[:, None], np.arange(box // 2 + 1)[None, :])
-    k_used = int(k[nz].max()) if nz.any() else 0
+    return int(k[nz].max()) if nz.any() else 0
+
+
+def cc_support(const: CCInputs, box: int) -> int | None:
+    """The ``k_max`` for :func:`cc_spectra`: :func:`weight_extent` of frequency weight × dose, or
+    ``None`` when that reaches ``s/2`` (no crop)."""
+    k_used = weight_extent(np.asarray(const.weights) * np.asarray(const.dose), box)
     return k_used if k_used < box // 2 else None
 
 
 def _full_maps(g, box: int):
     """Real CC maps ``(..., s, s)`` (zero displacement at index 0, periodic) from spectra of
-    :func:`spectra`, cropped or not (traceable)."""
-    if g.shape[-2] != box and box % 2 == 0:  # cropped: put back modulated, one pad (no reordering)
-        cc = jnp.fft.irfft2(uncrop_half(g, box, modulated=True), s=(box, box))
-        return cc * row_signs(box)[:, None]  # undo the modulation (fused with the reads)
-    return jnp.fft.irfft2(g if g.shape[-2] == box else uncrop_half(g, box), s=(box, box))
+    :func:`spectra`, cropped or not (traceable; ``box`` even, as the refinement's boxes are)."""
+    if g.shape[-2] == box:
+        return jnp.fft.irfft2(g, s=(box, box))
+    # cropped: put back modulated (one pad, no reordering), then undo the modulation
+    cc = jnp.fft.irfft2(uncrop_half(g, box, modulated=True), s=(box, box))
+    return cc * row_signs(box)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("box", "half_width"))
@@ -448,11 +456,11 @@ def cc_tilt_sums(stack, geom: PairGeometry, const: CCInputs, *, box: int, chunk:
     f = geom.u_px.shape[1]
     k_max = cc_support(const, box)
     const = devices.replicate(const)
-    weight = pass_weights(const, jnp.ones((box, box // 2 + 1), jnp.float32), k_max)
-    total = 0.0
+    weight = pass_weights(const, k_max=k_max)
+    total = None
     for _, _, _, args in pair_batches(stack, geom, np.asarray(geom.visible, bool), box=box, chunk=chunk):
-        g = spectra(*args, weight, const, k_max)
-        total = total + np.asarray(_tilt_sums(g, args[4], f), np.complex128)
-    if np.isscalar(total):
+        sums = np.asarray(_tilt_sums(spectra(*args, weight, const, k_max), args[4], f), np.complex128)
+        total = sums if total is None else total + sums
+    if total is None:
         return np.zeros((f, box, box))
     return np.asarray(_full_maps_jit(jnp.asarray(total, jnp.complex64), box), np.float64)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polish3d import imaging
+from polish3d.imaging.fourier import crop_half
 from polish3d.refine import ccmaps, devices
 
 __all__ = [
@@ -45,22 +46,15 @@ TAYLOR_ORDER = 4
 def spectrum_support(weights, box: int) -> int:
     """``K``: the largest ``|kx|`` or ``|ky|`` (Fourier pixels, below Nyquist) where any tilt's
     frequency weight ``weights (F, s, s//2+1)`` is non-zero (at least 1)."""
-    w = np.asarray(weights)
-    nz = np.any(w != 0, axis=0)  # (s, sh)
-    ky = np.abs(np.fft.fftfreq(box) * box).astype(int)
-    kx = np.arange(box // 2 + 1)
-    k = np.maximum(ky[:, None], kx[None, :])
-    k_used = int(k[nz].max()) if nz.any() else 1
-    return max(1, min(k_used, box // 2 - 1))
+    return max(1, min(ccmaps.weight_extent(weights, box), box // 2 - 1))
 
 
 def _crop(g, box: int, k_max: int):
     """``(P, s, s//2+1)`` half spectra → ``(P, 2K+1, K+1)``: rows ``ky = −K..K``, columns
     ``kx = 0..K``, scaled by ``c_kx / s²`` (so :func:`exact_values` needs no further factor)."""
-    rows = np.mod(np.arange(-k_max, k_max + 1), box)
     c = np.full(k_max + 1, 2.0 / (box * box), np.float32)
     c[0] = 1.0 / (box * box)
-    return g[:, rows, : k_max + 1] * c[None, None, :]
+    return crop_half(g, k_max) * c[None, None, :]
 
 
 def exact_values(spec: jax.Array, delta_px: jax.Array, two_pi_over_box) -> jax.Array:
@@ -166,7 +160,7 @@ def compute_taylor(
     out = np.zeros((n_pad, f, m), np.float32)
     todo = np.asarray(geom.visible, bool)
     const = devices.replicate(const)  # (on every device, if several)
-    weight = ccmaps.pass_weights(const, jnp.ones((box, box // 2 + 1), jnp.float32), k_max)
+    weight = ccmaps.pass_weights(const, k_max=k_max)
     batches = ccmaps.pair_batches(stack, geom, todo, box=box, chunk=chunk)
     for p_b, t_b, k, m in ccmaps.one_behind(
         (p_b, t_b, k, _taylor_pairs(*args, weight, const, order, k_max, low_radius))
